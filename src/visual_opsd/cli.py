@@ -1,0 +1,183 @@
+"""The command line: `visual-opsd <command>`. Each command is a thin shell around a library function.
+
+Config-driven commands (`sft`, `train`, ...) take `--config FILE.yaml` plus `key.sub=value`
+overrides; their `--help` lists every key with its default and meaning. Heavy modules are imported
+inside the handlers so that `visual-opsd --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from visual_opsd import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    from visual_opsd.config import ConfigError
+
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as e:
+        print(f"visual-opsd: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("visual-opsd: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `argv` tells which config command's (torch-importing) help to load."""
+    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(
+        prog="visual-opsd",
+        description="Distil a unified model's visual thoughts into fast text-only reasoning (Visual-OPSD).",
+    )
+    parser.add_argument("--version", action="version", version=f"visual-opsd {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="<command>")
+
+    # data -------------------------------------------------------------------------------------
+    data = commands.add_parser("data", help="make and validate datasets")
+    data_cmds = data.add_subparsers(title="data commands", metavar="<data command>")
+    make = data_cmds.add_parser(
+        "make",
+        help="generate a task dataset in the native format (data.jsonl + images)",
+        description="Generate a dataset. Extra task options go as key=value, e.g. sizes=[3,6] cell_px=8.",
+    )
+    make.add_argument("task", help="task name (maze, jigsaw)")
+    make.add_argument("--out", required=True, help="output folder (written atomically)")
+    make.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    make.add_argument("--split", choices=["train", "val", "test"], default="train", help="split (default train)")
+    make.add_argument("options", nargs="*", metavar="key=value", help="task options, e.g. sizes=[3,6]")
+    make.set_defaults(handler=_data_make)
+    validate = data_cmds.add_parser(
+        "validate",
+        help="check every row of a dataset; one line per bad row, non-zero exit if any",
+        description="Accepts a native dataset (folder or data.jsonl), a ThinkMorph parquet, or a VSP folder.",
+    )
+    validate.add_argument("path", help="dataset folder, data.jsonl, .parquet file or VSP folder")
+    validate.add_argument("--max-vts", type=int, default=8, help="most VT images allowed per row (default 8)")
+    validate.set_defaults(handler=_data_validate)
+
+    # score ------------------------------------------------------------------------------------
+    score = commands.add_parser("score", help="score any model's outputs on a benchmark")
+    score_cmds = score.add_subparsers(title="benchmarks", metavar="<benchmark>")
+    vsp = score_cmds.add_parser(
+        "vsp",
+        help="score predictions on the VSP maze task",
+        description=(
+            "Score predictions against VSP maps in the upstream layout level{L}/{img,table,pure_text}/{i}.*. "
+            'ANSWERS is JSONL of {"level": L, "index": i, "prediction": "..."}; per-item results are '
+            "written next to it as <stem>.scored.jsonl."
+        ),
+    )
+    vsp.add_argument("--maps", required=True, help="VSP folder (levelL/table/i.txt, levelL/img/i.png)")
+    vsp.add_argument("--answers", required=True, help="JSONL file of predictions")
+    vsp.add_argument(
+        "--rule",
+        choices=["strict", "vsp"],
+        default="strict",
+        help="strict: last valid \\boxed{} must end on the goal (ThinkMorph's numbers); "
+        "vsp: the original 'Action plan:' rule with gym semantics (default strict)",
+    )
+    vsp.set_defaults(handler=_score_vsp)
+
+    # config-driven commands -------------------------------------------------------------------
+    for name, (help_text, loader) in CONFIG_COMMANDS.items():
+        _add_config_command(commands, name, help_text, loader, load=chosen == name)
+    return parser
+
+
+def _add_config_command(commands, name: str, help_text: str, loader: Callable[[], tuple], load: bool) -> None:
+    """A command that takes --config FILE plus key=value overrides; --help lists every key.
+
+    The config class is imported only when this command was chosen (`load`), keeping start-up fast.
+    """
+    cmd = commands.add_parser(
+        name,
+        help=help_text,
+        description=f"{help_text}. Settings come from --config FILE.yaml, then key.sub=value overrides.",
+        epilog=("config keys (default, meaning):\n" + _format_config_help(loader()[0])) if load else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("--config", help="YAML config file (see configs/)")
+    cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    cmd.set_defaults(handler=lambda args: _run_config_command(args, *loader()))
+
+
+def _format_config_help(cls) -> str:
+    from visual_opsd.config import config_help
+
+    lines = []
+    for key, default, help_text in config_help(cls):
+        lines.append(f"  {key} = {default}\n      {help_text}" if help_text else f"  {key} = {default}")
+    return "\n".join(lines)
+
+
+def _run_config_command(args, cls, run) -> int:
+    import yaml
+
+    from visual_opsd.config import load_config, to_dict
+
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    result = run(cfg)
+    return result if isinstance(result, int) else 0
+
+
+def _config_sft():
+    from visual_opsd.sft import SFTConfig, run_sft
+
+    return SFTConfig, run_sft
+
+
+# command -> (help, loader returning (config class, run function)). A YAML file under configs/
+# named `<command>_*.yaml` holds a config for that command (the test suite validates them all).
+CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
+    "sft": ("supervised fine-tuning (interleaved teacher or text-only baseline)", _config_sft),
+}
+
+
+def _parse_task_options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"visual-opsd: task option {item!r} is not key=value")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _data_make(args) -> int:
+    from visual_opsd.data import make_command
+
+    return make_command(args.task, args.out, args.n, args.seed, args.split, **_parse_task_options(args.options))
+
+
+def _data_validate(args) -> int:
+    from visual_opsd.data import validate_command
+
+    return validate_command(args.path, args.max_vts)
+
+
+def _score_vsp(args) -> int:
+    from visual_opsd.vsp import score_command
+
+    return score_command(args.maps, args.answers, args.rule)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

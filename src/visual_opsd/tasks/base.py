@@ -1,0 +1,48 @@
+"""What a task is: a generator of samples, a prompt, an answer extractor and a scorer.
+
+"How to ask the model" (backends, contexts) is kept apart from "what to ask and how to score"
+(tasks), as evaluation harnesses do. Every task registers itself in `TASKS` by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from visual_opsd.sample import Sample
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available by its `name` to the CLI and configs."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`, with a clear error listing the known ones."""
+    import visual_opsd.tasks  # noqa: F401  (imports every task module, filling TASKS)
+
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+class Task(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def generate(self, n: int, seed: int, split: str = "train", **options) -> list[Sample]:
+        """`n` samples; different splits never share a problem."""
+
+    @abstractmethod
+    def extract_answer(self, text: str) -> str | None:
+        """The answer a model's output commits to, or None when it gives none."""
+
+    @abstractmethod
+    def is_correct(self, sample: Sample, prediction: str) -> bool:
+        """Whether the model output `prediction` solves `sample`."""
+
+    def validate(self, sample: Sample) -> list[tuple[str, str]]:
+        """Task-specific problems with a sample as (field, reason) pairs; empty when fine."""
+        return []
