@@ -17,7 +17,15 @@ from visual_opsd import __version__
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value items may follow the flags (`data make maze --out D sizes=[3,6]`); argparse leaves
+    # those it met after a flag unparsed, so they are appended to the command's key=value list here
+    target = next((name for name in ("options", "overrides") if hasattr(args, name)), None)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and target is None):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if target:
+        setattr(args, target, getattr(args, target) + extra)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -110,6 +118,7 @@ def _add_config_command(commands, name: str, help_text: str, loader: Callable[[]
     )
     cmd.add_argument("--config", help="YAML config file (see configs/)")
     cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cmd.add_argument("--resume", metavar="DIR", help="resume from a checkpoint folder (sets resume=DIR)")
     cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     cmd.set_defaults(handler=lambda args: _run_config_command(args, *loader()))
 
@@ -128,12 +137,21 @@ def _run_config_command(args, cls, run) -> int:
 
     from visual_opsd.config import load_config, to_dict
 
-    cfg = load_config(cls, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    cfg = load_config(cls, args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     result = run(cfg)
     return result if isinstance(result, int) else 0
+
+
+def _config_train():
+    from visual_opsd.train import TrainConfig, run_train
+
+    return TrainConfig, run_train
 
 
 def _config_sft():
@@ -146,6 +164,7 @@ def _config_sft():
 # named `<command>_*.yaml` holds a config for that command (the test suite validates them all).
 CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
     "sft": ("supervised fine-tuning (interleaved teacher or text-only baseline)", _config_sft),
+    "train": ("Visual-OPSD: on-policy self-distillation from the privileged-VT teacher", _config_train),
 }
 
 
