@@ -335,10 +335,6 @@ def test_parquet_bad_rows(tmp_path):
         load_dataset(tmp_path / "noanswer.parquet")
 
 
-@pytest.mark.xfail(
-    reason="maze.validate reports metadata.grid missing; ThinkMorph rows carry images only, no grid",
-    strict=False,
-)
 def test_thinkmorph_navigation_rows_load_as_maze(tmp_path):
     path = tmp_path / "nav.parquet"
     pq.write_table(_thinkmorph_table([_thinkmorph_row(0, 1, task="Spatial_Navigation")]), path)
