@@ -98,6 +98,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     vsp.set_defaults(handler=_score_vsp)
 
+    # demo -------------------------------------------------------------------------------------
+    demo = commands.add_parser(
+        "demo",
+        help="the whole miniature study on a CPU: data, SFT teacher, baseline, Visual-OPSD, controls, report",
+        description=(
+            "Runs the paper's study in miniature and writes report.md, report.json and plots under --out. "
+            "Finished stages are cached: running it again resumes where it stopped."
+        ),
+    )
+    demo.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of the whole pipeline")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    demo.set_defaults(handler=_demo)
+
     # config-driven commands -------------------------------------------------------------------
     for name, (help_text, loader) in CONFIG_COMMANDS.items():
         _add_config_command(commands, name, help_text, loader, load=chosen == name)
@@ -178,6 +192,13 @@ def _parse_task_options(items: list[str]) -> dict:
             raise SystemExit(f"visual-opsd: task option {item!r} is not key=value")
         options[key] = yaml.safe_load(value)
     return options
+
+
+def _demo(args) -> int:
+    from visual_opsd.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
 
 
 def _data_make(args) -> int:

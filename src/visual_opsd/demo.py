@@ -1,0 +1,180 @@
+"""`visual-opsd demo`: the paper's study in miniature, end to end on a CPU.
+
+    data -> SFT teacher (interleaved VTs) -> text-only SFT baseline -> Visual-OPSD (real VTs)
+         -> noise-VT control -> evaluation of every system on held-out test mazes -> report
+
+Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
+after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
+The settings of each stage are the shipped configs (configs/*_demo.yaml) and the dataclass
+defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about 3 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from visual_opsd.config import load_config, to_dict
+
+# Overrides on top of the dataclass defaults; the full demo's equal configs/sft_demo.yaml,
+# configs/sft_text_demo.yaml and configs/train_demo.yaml (tests/test_demo.py keeps them in step).
+PRESETS: dict[str, dict[str, dict[str, object]]] = {
+    "default": {
+        "test": {"n": 100, "sizes": [3, 6], "seed": 2},
+        "sft_teacher": {},
+        "sft_text": {"data.trace": "text_only"},
+        "opsd": {},
+        "eval": {"warmup": 2},
+    },
+    "quick": {
+        "test": {"n": 16, "sizes": [3, 4], "seed": 2},
+        "sft_teacher": {"optim.steps": 40, "data.n_train": 200, "data.n_val": 8, "data.sizes": [3, 4],
+                        "model.d_model": 64, "model.n_layers": 2, "eval.every": 40, "eval.vt_steps": 10},
+        "sft_text": {"data.trace": "text_only", "optim.steps": 40, "data.n_train": 200, "data.n_val": 8,
+                     "data.sizes": [3, 4], "model.d_model": 64, "model.n_layers": 2, "eval.every": 40},
+        "opsd": {"optim.steps": 4, "optim.prompts_per_step": 4, "data.n_train": 50, "data.n_val": 8,
+                 "data.sizes": [3, 4], "eval.every": 4, "save_every": 2},
+        "eval": {"warmup": 1},
+    },
+}
+# (system name, model stage, evaluation mode)
+SYSTEMS = [
+    ("teacher_interleaved", "sft_teacher", "interleaved"),
+    ("teacher_text_only", "sft_teacher", "text"),
+    ("text_sft", "sft_text", "text"),
+    ("opsd", "opsd", "text"),
+    ("opsd_noise", "opsd_noise", "text"),
+]
+
+
+def stage_configs(preset: str, out: Path) -> dict[str, object]:
+    """The resolved config of every training stage of `preset`, writing under `out`."""
+    from visual_opsd.sft import SFTConfig
+    from visual_opsd.train import TrainConfig
+
+    p = PRESETS[preset]
+
+    def ov(d: dict, **extra) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in {**d, **extra}.items()]
+
+    teacher_final = str(out / "sft_teacher" / "final")
+    return {
+        "sft_teacher": load_config(SFTConfig, None, ov(p["sft_teacher"], out_dir=str(out / "sft_teacher"))),
+        "sft_text": load_config(SFTConfig, None, ov(p["sft_text"], out_dir=str(out / "sft_text"))),
+        "opsd": load_config(TrainConfig, None, ov(p["opsd"], init_from=teacher_final, out_dir=str(out / "opsd"))),
+        "opsd_noise": load_config(TrainConfig, None, ov(
+            p["opsd"], init_from=teacher_final, out_dir=str(out / "opsd_noise"), **{"teacher.vt_mode": "noise"})),
+    }
+
+
+def run_demo(out: str | Path = "demo_out", quick: bool = False, progress: bool = True) -> Path:
+    """Run (or finish) the whole study under `out`; returns the report's path."""
+    from visual_opsd.sft import run_sft
+    from visual_opsd.train import run_train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = "quick" if quick else "default"
+    configs = stage_configs(preset, out)
+    for cfg in configs.values():
+        cfg.progress = progress
+    timing: dict[str, float] = _load_json(out / "timing.json")
+
+    def train_stage(name: str) -> Callable[[], None]:
+        def run() -> None:
+            cfg = configs[name]
+            last = Path(cfg.out_dir) / "last" / "trainer_state.json"
+            if name.startswith("opsd") and last.is_file():
+                cfg.resume = str(last.parent)  # a previous attempt died mid-training: continue it
+            (run_train if name.startswith("opsd") else run_sft)(cfg)
+        return run
+
+    stages: list[tuple[str, Callable[[], None]]] = [
+        ("data", lambda: _make_test_data(out, PRESETS[preset]["test"], configs["sft_teacher"].model.patch_size)),
+        ("sft_teacher", train_stage("sft_teacher")),
+        ("sft_text", train_stage("sft_text")),
+        ("opsd", train_stage("opsd")),
+        ("opsd_noise", train_stage("opsd_noise")),
+        ("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress)),
+    ]
+    t_start = time.perf_counter()
+    for i, (name, run) in enumerate(stages, 1):
+        marker = out / name / "DONE.json"
+        if marker.is_file():
+            print(f"[{i}/{len(stages)}] {name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
+            continue
+        print(f"[{i}/{len(stages)}] {name} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
+        t0 = time.perf_counter()
+        run()
+        timing[name] = time.perf_counter() - t0
+        (out / "timing.json").write_text(json.dumps(timing, indent=2))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": timing[name]}))
+        print(f"[{i}/{len(stages)}] {name}: {timing[name]:.0f} s")
+    report_path = _write_report(out, configs, timing)
+    print()
+    print((out / "report.md").read_text().split("## VT interventions")[0].split("## KL")[0].split("## Stage")[0])
+    print(f"report: {report_path} (and report.json, pareto.png, training_curves.png)")
+    return report_path
+
+
+def _make_test_data(out: Path, test: dict, patch_size: int) -> None:
+    from visual_opsd.data import write_dataset
+    from visual_opsd.tasks import get_task
+
+    samples = get_task("maze").generate(test["n"], seed=test["seed"], split="test",
+                                        sizes=tuple(test["sizes"]), cell_px=patch_size)
+    write_dataset(samples, out / "data" / "test", overwrite=True)
+
+
+def _evaluate_systems(out: Path, options: dict, progress: bool) -> None:
+    from visual_opsd.backends.mini import MiniBackend
+    from visual_opsd.data import load_dataset
+    from visual_opsd.evaluate import evaluate, write_records
+    from visual_opsd.tasks import get_task
+
+    task = get_task("maze")
+    test = list(load_dataset(out / "data" / "test"))
+    results = {}
+    for name, stage, mode in SYSTEMS:
+        model_dir = _selected_model(out, stage)
+        backend = MiniBackend.load(model_dir)
+        result = evaluate(backend, test, task, mode, warmup=options["warmup"], desc=f"eval {name}", progress=progress)
+        write_records(result, out / "eval" / f"{name}.jsonl")
+        results[name] = {"model": str(model_dir), "mode": mode, **result.summary()}
+        print(f"  {name:20s} acc {result.accuracy:5.1f}% [{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  "
+              f"{result.latency_s:.3f} s/sample  {result.tokens:.0f} tokens")
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def _selected_model(out: Path, stage: str) -> Path:
+    """SFT stages: the final model; Visual-OPSD stages: the validation-best checkpoint."""
+    if stage.startswith("opsd"):
+        best = out / stage / "best" / "model"
+        return best if best.is_dir() else out / stage / "last" / "model"
+    return out / stage / "final"
+
+
+def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
+    from visual_opsd.report import write_report
+
+    results = _load_json(out / "eval" / "results.json")
+    systems = {
+        name: {"accuracy": r["accuracy"], "latency_s": r["latency_s"], "tokens": r["tokens"],
+               "tasks": {"maze": {k: r[k] for k in ("accuracy", "ci95", "n", "latency_s", "tokens")}}}
+        for name, r in results.items()
+    }
+    report = {"systems": systems, "kl": {}, "interventions": {}, "timing_s": timing,
+              "configs": {k: to_dict(v) for k, v in configs.items()}}
+    runs = {name: out / name / "metrics.jsonl" for name in configs}
+    notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
+             "Latency: batch size 1 after warm-up, whole pipeline per sample, this machine's CPU threads.",
+             "Visual-OPSD checkpoints are selected on the validation split, never on test."]
+    return write_report(report, out, runs, notes)
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

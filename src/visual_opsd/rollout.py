@@ -1,0 +1,104 @@
+"""On-policy rollouts: sample completions from the current student weights, with their statistics.
+
+`collect_rollout` samples `n` completions per prompt from the student context (image-skip
+injection happens inside `Backend.sample`) and returns a `Rollout`. In `source="data"` mode the
+completions are the samples' own text-only traces instead: no sampling, so distributed runs and
+tests can be compared exactly (issue "scale-out", deterministic mode).
+
+The scored completion is the whole token sequence the sampler produced, rounds concatenated. An
+injected `<image_end>` is part of it (the sampling cache saw it, so both contexts score the same
+sequence) but carries no loss: `loss_mask` is False there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from visual_opsd.backends.base import Backend, Context
+from visual_opsd.sample import Sample
+from visual_opsd.tasks.base import Task
+
+
+@dataclass
+class Rollout:
+    """Completions of one batch of prompts, context-major: row i * n + j is sample i's j-th."""
+
+    samples: list[Sample]  # (P,) the prompts
+    n: int  # completions per prompt
+    ids: list[list[int]]  # (P * n,) completion token ids, ragged
+    texts: list[str]  # (P * n,) decoded completions
+    sampled: list[list[bool]]  # (P * n,) per id: False for injected ids (no loss there)
+    finished: list[bool]  # (P * n,) ended with end-of-sequence
+    image_skips: list[int]  # (P * n,) image-skip injections used
+
+    def loss_mask(self, length: int) -> torch.Tensor:
+        """(R, length) bool: True on sampled completion ids, built from lengths (pad may equal eos)."""
+        mask = torch.zeros(len(self.ids), length, dtype=torch.bool)
+        for r, flags in enumerate(self.sampled):
+            mask[r, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+        return mask
+
+    def stats(self, task: Task | None = None) -> dict[str, float]:
+        """Flat `rollout/` metrics: length, truncation, image-skip rate, parsable-answer fraction."""
+        rows = max(len(self.ids), 1)
+        out = {
+            "rollout/length": sum(len(i) for i in self.ids) / rows,
+            "rollout/truncated": sum(not f for f in self.finished) / rows,
+            "rollout/image_skip_rate": sum(s > 0 for s in self.image_skips) / rows,
+        }
+        if task is not None:
+            out["rollout/parsable"] = sum(task.extract_answer(t) is not None for t in self.texts) / rows
+            correct = [task.is_correct(self.samples[r // self.n], t) for r, t in enumerate(self.texts)]
+            out["rollout/correct"] = sum(correct) / rows
+        return out
+
+
+def collect_rollout(
+    backend: Backend,
+    samples: list[Sample],
+    contexts: list[Context],
+    *,
+    n: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    max_image_skips: int = 1,
+    source: Literal["sample", "data"] = "sample",
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """`n` completions per sample from the *current* student weights (or the data, see module doc)."""
+    if len(samples) != len(contexts):
+        raise ValueError(f"{len(samples)} samples but {len(contexts)} contexts")
+    if source == "data":
+        ids = [backend.encode_completion(s.text_only_completion()) for s in samples for _ in range(n)]
+        return Rollout(
+            samples=samples,
+            n=n,
+            ids=ids,
+            texts=[backend.decode(i) for i in ids],
+            sampled=[[True] * len(i) for i in ids],
+            finished=[True] * len(ids),
+            image_skips=[0] * len(ids),
+        )
+    if source != "sample":
+        raise ValueError(f"rollout source must be 'sample' or 'data', got {source!r}")
+    with torch.no_grad():
+        comps = backend.sample(
+            contexts,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            max_image_skips=max_image_skips,
+            generator=generator,
+        )
+    return Rollout(
+        samples=samples,
+        n=n,
+        ids=[c.ids for c in comps],
+        texts=[c.text for c in comps],
+        sampled=[c.sampled for c in comps],
+        finished=[c.finished for c in comps],
+        image_skips=[c.image_skips for c in comps],
+    )
