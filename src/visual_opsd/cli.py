@@ -114,6 +114,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     # config-driven commands -------------------------------------------------------------------
     for name, (help_text, loader) in CONFIG_COMMANDS.items():
+        if name == "diagnose":  # a config command with its own positional and flags
+            _add_diagnose_command(commands, help_text, loader, load=chosen == name)
+            continue
         _add_config_command(commands, name, help_text, loader, load=chosen == name)
     return parser
 
@@ -174,12 +177,71 @@ def _config_sft():
     return SFTConfig, run_sft
 
 
+def _config_diagnose():
+    from visual_opsd.diagnostics.run import DiagnoseConfig, run_diagnose
+
+    return DiagnoseConfig, run_diagnose
+
+
 # command -> (help, loader returning (config class, run function)). A YAML file under configs/
 # named `<command>_*.yaml` holds a config for that command (the test suite validates them all).
 CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
     "sft": ("supervised fine-tuning (interleaved teacher or text-only baseline)", _config_sft),
     "train": ("Visual-OPSD: on-policy self-distillation from the privileged-VT teacher", _config_train),
+    "diagnose": ("diagnostics: VT interventions, attention fractions, KL diagnostic and gap closure",
+                 _config_diagnose),
 }
+
+
+def _add_diagnose_command(commands, help_text: str, loader: Callable[[], tuple], load: bool) -> None:
+    """`diagnose {interventions,attention,kl,all} --model DIR [--post CKPT]... [--config FILE] [key=value]`.
+
+    The positional and the flags become config overrides (what=, model=, post=), so a YAML file may
+    set them too; the positional is checked by the config (a typo gets a "did you mean" hint)."""
+    cmd = commands.add_parser(
+        "diagnose",
+        help=help_text,
+        description=(
+            f"{help_text}. Writes <what>.json, <what>.md and <what>.png under out_dir (kl also kl_tokens.html). "
+            "Settings come from --config FILE.yaml, then key.sub=value overrides. Exit status 1: KL sanity failed."
+        ),
+        epilog=("config keys (default, meaning):\n" + _format_config_help(loader()[0])) if load else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("what", nargs="?", metavar="{interventions,attention,kl,all}", help="the diagnostic to run")
+    cmd.add_argument("--model", metavar="DIR", help="the unified model to diagnose (e.g. the SFT teacher's final/)")
+    cmd.add_argument("--post", metavar="[NAME=]CKPT", action="append", default=[],
+                     help="kl: a trained model for K_post and the gap closure (repeatable)")
+    cmd.add_argument("--config", help="YAML config file (see configs/diagnose_demo.yaml)")
+    cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    cmd.set_defaults(handler=_diagnose)
+
+
+def _diagnose(args) -> int:
+    import json
+
+    import yaml
+
+    from visual_opsd.config import load_config, to_dict
+
+    overrides = list(args.overrides)
+    if args.what is not None:  # argparse puts a first key=value item here when no diagnostic is named
+        overrides.insert(0, args.what if "=" in args.what else f"what={args.what}")
+    if args.model is not None:
+        overrides.append(f"model={json.dumps(args.model)}")
+    if args.post:
+        overrides.append(f"post={json.dumps(args.post)}")
+    cls, run = _config_diagnose()
+    cfg = load_config(cls, args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    try:
+        return run(cfg)
+    except FileNotFoundError as e:
+        print(f"visual-opsd diagnose: {e}", file=sys.stderr)
+        return 2
 
 
 def _parse_task_options(items: list[str]) -> dict:

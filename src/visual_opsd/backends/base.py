@@ -1,0 +1,332 @@
+"""The backend interface: what every model family provides to the generic Visual-OPSD code.
+
+A backend turns samples into contexts and runs one network on them. Generic code (rollouts, the
+distillation loop, diagnostics, evaluation) sees contexts as opaque objects and completions as
+lists of token ids; it never re-tokenises text, so the teacher scores exactly the student's ids.
+
+    build_context(sample, role, vt_mode)   -> Context    student: question + problem images;
+                                                          teacher: + framing + VT images + transition
+    score(contexts, completions)           -> Scores     logits (or hidden + head) per completion token
+    sample(contexts, n, ...)               -> [Completion] on-policy rollouts, image-skip injection
+    generate_interleaved(contexts, ...)    -> [Interleaved] unified models: text with generated VTs
+    save(dir) / load(dir)
+
+Written once here, for every backend:
+- `pick_vt_images`: which images the teacher sees for each `vt_mode` (data / noise / shuffled / none);
+- `sample_with_image_skip`: batched temperature sampling over a backend's `Decoder` (one token per
+  row per step) with the image-skip rule of method.md section 2, step 2: when a round ends with
+  `<image_start>`, the backend feeds an injected `<image_end>` and sampling goes on with a new text
+  round, at most `max_image_skips` times; one more `<image_start>` ends the row. The injected token
+  is part of the completion ids (the sampling cache saw it, so the scored sequence is the same one)
+  but is flagged `sampled=False`, so losses can leave it out.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+from visual_opsd.sample import Sample
+
+Role = Literal["student", "teacher"]
+VTMode = Literal["data", "noise", "shuffled", "none"]
+VT_MODES: tuple[str, ...] = ("data", "noise", "shuffled", "none")
+
+
+@dataclass(frozen=True)
+class NoiseVT:
+    """Stands in for one VT under `vt_mode="noise"`: the backend draws N(0, 1) in its *normalised*
+    input space at this size, afresh on every `build_context` call (method.md section 3)."""
+
+    width: int
+    height: int
+
+
+def pick_vt_images(
+    sample: Sample, vt_mode: VTMode, shuffled_from: Sample | None = None, max_images: int = 8
+) -> list[Image.Image | NoiseVT]:
+    """The VT images a teacher context holds, in order, for each control.
+
+    data: the sample's own VTs. noise: one `NoiseVT` per VT, same size. shuffled: the VTs of
+    `shuffled_from` (another sample, chosen by the caller so that the choice is reproducible).
+    none: no images (the framing texts stay). At most `max_images` are kept (the paper's limit is 8).
+    """
+    if vt_mode == "data":
+        images: list = list(sample.vt_images)
+    elif vt_mode == "noise":
+        images = [NoiseVT(*im.size) for im in sample.vt_images]
+    elif vt_mode == "shuffled":
+        if shuffled_from is None:
+            raise ValueError("vt_mode='shuffled' needs shuffled_from=<another sample>")
+        if shuffled_from.id == sample.id:
+            raise ValueError(f"vt_mode='shuffled': shuffled_from is the sample itself ({sample.id!r})")
+        images = list(shuffled_from.vt_images)
+    elif vt_mode == "none":
+        images = []
+    else:
+        raise ValueError(f"unknown vt_mode {vt_mode!r}; expected one of {VT_MODES}")
+    return images[:max_images]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span of context positions [start, end) and what it holds.
+
+    kinds: "text" (start token, question), "problem_image", "framing", "vt_image", "transition",
+    "marker" (tokens such as `<image_start>` around an image). Image spans hold only the image's
+    own positions, so attention fractions from text to images are not diluted by markers.
+    """
+
+    kind: str
+    start: int
+    end: int
+
+
+@dataclass
+class Context:
+    """An encoded prompt. Generic code may read `role`, `vt_mode`, `segments` and `num_tokens`;
+    everything else is the backend's business (subclasses add tensors)."""
+
+    role: Role
+    vt_mode: VTMode | None
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.segments[-1].end if self.segments else 0
+
+    def spans(self, kind: str) -> list[tuple[int, int]]:
+        """Every [start, end) span of one kind, in order."""
+        return [(s.start, s.end) for s in self.segments if s.kind == kind]
+
+
+@dataclass
+class Completion:
+    """One sampled completion. `ids` is what gets scored; `sampled[i]` is False for injected ids."""
+
+    ids: list[int]
+    text: str
+    sampled: list[bool]
+    finished: bool  # ended with the end-of-sequence id (False: out of tokens or stopped at an image)
+    image_skips: int = 0
+
+
+@dataclass
+class Scores:
+    """Per-completion-token outputs of `score`, right-padded to the longest completion T.
+
+    Position t holds the prediction *of* completion token t (made at the position before it), so
+    the last valid position predicts the end-of-sequence id when the completion ends with it.
+    """
+
+    mask: torch.Tensor  # (B, T) bool, from lengths (never from token values: pad may equal eos)
+    logits: torch.Tensor | None = None  # (B, T, V)  with output="logits"
+    hidden: torch.Tensor | None = None  # (B, T, D)  with output="hidden": logits = hidden @ head_weight.T
+    head_weight: torch.Tensor | None = None  # (V, D)
+    # output_attentions=True: attentions[b][layer] is (H, S_b, S_b) over row b's context followed by
+    # its completion (S_b = context tokens + completion tokens; the context's segments index it).
+    attentions: list[list[torch.Tensor]] | None = None
+
+
+@dataclass
+class Interleaved:
+    """One interleaved generation: the text (VTs written as `<image_start><image_end>`), its ids,
+    and the VT images that were fed back, in order."""
+
+    text: str
+    ids: list[int]
+    images: list[Image.Image]
+    finished: bool
+
+
+class Decoder(ABC):
+    """A batch of contexts being decoded one token per row per step (a KV cache, typically).
+
+    `logits` (B, V) always holds every row's next-token logits; `step(ids, active)` feeds one id per
+    row and refreshes them. Rows with `active[b] == False` must be left unchanged in effect.
+    """
+
+    logits: torch.Tensor
+
+    @abstractmethod
+    def step(self, ids: torch.Tensor, active: torch.Tensor) -> None:
+        """Feed `ids` (B,) for the rows where `active` (B,) is True."""
+
+
+class Backend(ABC):
+    """A model family behind the interface. `model` is the nn.Module the optimizer trains; every
+    method that runs the network takes `model=` to run another copy instead (an EMA or frozen
+    teacher), which must have the same architecture."""
+
+    model: nn.Module
+    eos_id: int
+    image_start_id: int
+    image_end_id: int
+    suppressed_ids: tuple[int, ...] = ()  # ids never sampled (pad, bos, unk, image placeholders)
+
+    @abstractmethod
+    def build_context(
+        self,
+        sample: Sample,
+        role: Role = "student",
+        vt_mode: VTMode = "data",
+        shuffled_from: Sample | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Context:
+        """The student context (question + problem images) or the teacher context (student context
+        + framing text + VT images per `vt_mode` + transition text). The completion follows either
+        directly, with identical ids. `generator` draws the noise of `vt_mode="noise"`."""
+
+    @abstractmethod
+    def score(
+        self,
+        contexts: list[Context],
+        completions: list[list[int]],
+        *,
+        model: nn.Module | None = None,
+        output: Literal["logits", "hidden"] = "logits",
+        output_attentions: bool = False,
+    ) -> Scores:
+        """Score completions under contexts. `len(completions)` is a multiple g of `len(contexts)`:
+        completions [i*g, (i+1)*g) belong to context i, whose prefix is encoded once and reused.
+        Gradient flows when called under grad mode (student) and not under torch.no_grad (teacher)."""
+
+    @abstractmethod
+    def decoder(self, contexts: list[Context], n: int = 1, model: nn.Module | None = None) -> Decoder:
+        """A `Decoder` over `len(contexts) * n` rows, context-major (row i*n + j is context i);
+        each context's prefix is encoded once."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Token ids to text (markers kept, pad/bos/eos dropped)."""
+
+    @abstractmethod
+    def encode_completion(self, text: str) -> list[int]:
+        """A completion text (e.g. a data trace) as the ids a sampler would have produced, ending
+        with end-of-sequence: the deterministic rollout mode scores these."""
+
+    def sample(
+        self,
+        contexts: list[Context],
+        n: int = 1,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        max_image_skips: int = 1,
+        generator: torch.Generator | None = None,
+        model: nn.Module | None = None,
+    ) -> list[Completion]:
+        """`n` completions per context, context-major (index i*n + j), with image-skip injection.
+        temperature 0 is greedy decoding."""
+        dec = self.decoder(contexts, n, model)
+        return sample_with_image_skip(self, dec, max_new_tokens, temperature, max_image_skips, generator=generator)
+
+    def generate_interleaved(
+        self,
+        contexts: list[Context],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        vt_steps: int = 50,
+        max_images: int = 1,
+        given_vts: list[list[Image.Image]] | None = None,
+        generator: torch.Generator | None = None,
+        model: nn.Module | None = None,
+    ) -> list[Interleaved]:
+        """Unified models only: decode text; at each `<image_start>` generate a VT (`vt_steps`
+        denoising steps), feed it back and go on. `given_vts[i]` instead inserts those images (the
+        ground-truth-VT condition)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate images")
+
+    def build_trace_context(self, sample: Sample, ids: list[int], images: list[Image.Image]) -> Context:
+        """Unified models only, for diagnostics: the student context followed by an interleaved trace
+        prefix, as one context that a completion (the rest of the trace) can be scored under.
+
+        `ids` are trace ids as `generate_interleaved` writes them (a VT is `<image_start><image_end>`);
+        the k-th such pair holds `images[k]` as an understanding image block, exactly as the model saw
+        it while generating; pairs beyond `len(images)` (image skips) stay empty. Segments: the student
+        context's, then "trace_text" for runs of generated text, "marker" for the image markers and
+        "vt_image" for each VT's own positions."""
+        raise NotImplementedError(f"{type(self).__name__} cannot build interleaved trace contexts")
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Weights (safetensors) + config/tokenizer (JSON) into `directory`."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: str | Path) -> Backend:
+        """The inverse of `save`; never unpickles."""
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    suppressed_ids: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """One id per row from logits (B, V): argmax at temperature 0, else softmax(logits / T) sampling
+    (no top-k / top-p, as in the paper). Suppressed ids get probability 0."""
+    logits = logits.float()
+    if suppressed_ids:
+        logits = logits.clone()
+        logits[:, list(suppressed_ids)] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
+
+
+def sample_with_image_skip(
+    backend: Backend,
+    dec: Decoder,
+    max_new_tokens: int,
+    temperature: float,
+    max_image_skips: int,
+    generator: torch.Generator | None = None,
+) -> list[Completion]:
+    """Sample every row of `dec` to end-of-sequence or `max_new_tokens` (injected ids count).
+
+    Per row: a sampled `<image_start>` is kept; if the row has skips left, the next id fed is an
+    injected `<image_end>` (sampled=False) and text sampling resumes; otherwise the row stops there.
+    """
+    rows = dec.logits.shape[0]
+    ids: list[list[int]] = [[] for _ in range(rows)]
+    sampled: list[list[bool]] = [[] for _ in range(rows)]
+    skips = [0] * rows
+    finished = [False] * rows
+    active = torch.ones(rows, dtype=torch.bool)
+    force_end = torch.zeros(rows, dtype=torch.bool)  # rows whose next id is an injected <image_end>
+    for _ in range(max_new_tokens):
+        tok = next_token(dec.logits, temperature, generator, backend.suppressed_ids)
+        tok = torch.where(force_end, torch.full_like(tok, backend.image_end_id), tok)
+        was_forced = force_end.clone()
+        force_end[:] = False
+        stop = torch.zeros(rows, dtype=torch.bool)
+        for b in torch.nonzero(active).flatten().tolist():
+            t = int(tok[b])
+            ids[b].append(t)
+            sampled[b].append(not bool(was_forced[b]))
+            if t == backend.eos_id:
+                finished[b] = True
+                stop[b] = True
+            elif t == backend.image_start_id and not was_forced[b]:
+                if skips[b] < max_image_skips:
+                    skips[b] += 1
+                    force_end[b] = True
+                else:
+                    stop[b] = True
+        active &= ~stop
+        if not active.any():
+            break
+        dec.step(tok, active)
+    return [
+        Completion(
+            ids=ids[b], text=backend.decode(ids[b]), sampled=sampled[b], finished=finished[b], image_skips=skips[b]
+        )
+        for b in range(rows)
+    ]

@@ -1,0 +1,355 @@
+"""Supervised fine-tuning of the built-in mini unified model: the ThinkMorph-style teacher and the
+text-only SFT baseline, from one command.
+
+    visual-opsd sft --config configs/sft_demo.yaml        # interleaved teacher
+    visual-opsd sft --config configs/sft_text_demo.yaml   # text-only baseline (data.trace=text_only)
+
+Per step:
+1. draw `batch_size` training samples; each becomes one example (`MiniBackend.training_row`):
+   - data.trace=interleaved: the interleaved trace (student context + thoughts with the VT inside);
+     cross-entropy on the trace text, rectified-flow loss on the VT patches. A fraction
+     `data.teacher_context_fraction` of the examples instead put the ground-truth VT in the
+     privileged *teacher context* (framing + VT + transition) followed by the text-only completion,
+     so the teacher is also sharp where Visual-OPSD queries it;
+   - data.trace=text_only: student context + text-only completion (cross-entropy only);
+2. loss = CE (mean over completion text tokens) + flow_weight * flow MSE (mean over VT patches);
+3. AdamW step with gradient clipping; lr = linear warm-up then cosine to lr * min_lr_ratio.
+Every `eval.every` steps (and at the end) accuracy on the validation split with the task's scorer,
+atomic checkpoints `last/` and `best/` (best = highest validation accuracy of the first eval mode).
+The final model goes to `<out_dir>/final/`; `metrics.jsonl` gets one line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from visual_opsd.backends.mini import DEFAULT_FRAMING, DEFAULT_TRANSITION, MiniBackend
+from visual_opsd.checkpoint import atomic_dir
+from visual_opsd.sample import Sample
+from visual_opsd.tasks import Task, get_task
+from visual_opsd.tokenizer import build_tokenizer_for_tasks
+
+EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text"]
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="maze", metadata={"help": "task to train on (maze, jigsaw)"})
+    path: str | None = field(default=None, metadata={"help": "training dataset; null = generate data.n_train"})
+    val_path: str | None = field(default=None, metadata={"help": "validation dataset; null = generate data.n_val"})
+    n_train: int = field(default=4000, metadata={"help": "generated training samples (data.path null)"})
+    n_val: int = field(default=64, metadata={"help": "validation samples used for accuracy during training"})
+    sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi (maze only)"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra task generator options"})
+    trace: Literal["interleaved", "text_only"] = field(
+        default="interleaved", metadata={"help": "interleaved = teacher with VTs; text_only = baseline"}
+    )
+    teacher_context_fraction: float = field(
+        default=0.25,
+        metadata={"help": "interleaved only: share of examples with the GT VT in the teacher context"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the generated data"})
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_val < 0:
+            raise ValueError("data.n_train must be >= 1 and data.n_val >= 0")
+        if not 2 <= self.sizes[0] <= self.sizes[1]:
+            raise ValueError(f"data.sizes must be lo <= hi with lo >= 2, got {self.sizes}")
+        if not 0.0 <= self.teacher_context_fraction <= 1.0:
+            raise ValueError(f"data.teacher_context_fraction must be in [0, 1], got {self.teacher_context_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = field(default=None, metadata={"help": "start from this saved model folder"})
+    d_model: int = field(default=128, metadata={"help": "width"})
+    n_layers: int = field(default=4, metadata={"help": "transformer layers"})
+    n_heads: int = field(default=4, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / d_model"})
+    patch_size: int = field(default=8, metadata={"help": "pixels per patch side (= maze cell_px)"})
+    max_grid: int = field(default=8, metadata={"help": "most patches per image side"})
+    gen_expert: bool = field(default=True, metadata={"help": "separate norms/MLPs for generation tokens"})
+    tokenizer_tasks: list[str] = field(
+        default_factory=lambda: ["maze", "jigsaw"], metadata={"help": "tasks whose words make the vocabulary"}
+    )
+    framing_text: str = field(default=DEFAULT_FRAMING, metadata={"help": "teacher text before the VTs"})
+    transition_text: str = field(default=DEFAULT_TRANSITION, metadata={"help": "teacher text after the VTs"})
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "patch_size", "max_grid"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    flow_weight: float = field(default=1.0, metadata={"help": "weight of the flow-matching loss"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("optim.steps and optim.batch_size must be >= 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.flow_weight < 0:
+            raise ValueError("optim.warmup_steps, optim.grad_clip and optim.flow_weight must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=200, metadata={"help": "validate and checkpoint every N steps (and at the end)"})
+    modes: list[EvalMode] | None = field(
+        default=None,
+        metadata={"help": "accuracies to log; the first selects best/. null: interleaved or text by data.trace"},
+    )
+    vt_steps: int = field(default=50, metadata={"help": "denoising steps of VTs generated during validation"})
+    max_new_tokens: int = field(default=160, metadata={"help": "token budget of validation answers"})
+    batch_size: int = field(default=64, metadata={"help": "rows per batch of validation decoding"})
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.vt_steps < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("eval.every, eval.vt_steps, eval.max_new_tokens and eval.batch_size must be >= 1")
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = field(default="runs/sft", metadata={"help": "output folder (checkpoints, metrics.jsonl)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and noise"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_samples(cfg: DataConfig, task: Task, split: str, patch_size: int) -> list[Sample]:
+    """The train or val samples: from `path` / `val_path`, else generated (mazes with one patch per cell)."""
+    path = cfg.path if split == "train" else cfg.val_path
+    if path is not None:
+        from visual_opsd.data import load_dataset
+
+        return list(load_dataset(path))
+    options = dict(cfg.options)
+    if task.name == "maze":
+        options.setdefault("sizes", tuple(cfg.sizes))
+        options.setdefault("cell_px", patch_size)
+    n = cfg.n_train if split == "train" else cfg.n_val
+    return task.generate(n, seed=cfg.seed, split=split, **options)
+
+
+def build_backend(cfg: SFTConfig) -> MiniBackend:
+    if cfg.model.init_from is not None:
+        return MiniBackend.load(cfg.model.init_from)
+    m = cfg.model
+    tokenizer = build_tokenizer_for_tasks(m.tokenizer_tasks, extra_texts=[m.framing_text, m.transition_text])
+    return MiniBackend.new(
+        tokenizer,
+        seed=cfg.seed,
+        d_model=m.d_model,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        mlp_ratio=m.mlp_ratio,
+        patch_size=m.patch_size,
+        max_grid=m.max_grid,
+        gen_expert=m.gen_expert,
+        framing_text=m.framing_text,
+        transition_text=m.transition_text,
+    )
+
+
+def predict(
+    backend: MiniBackend,
+    samples: list[Sample],
+    mode: EvalMode,
+    max_new_tokens: int = 160,
+    vt_steps: int = 50,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """Greedy predictions of `samples` under one evaluation mode:
+    interleaved: the model generates its own VTs (`vt_steps` denoising steps);
+    given_vt: interleaved, but each `<image_start>` gets the sample's ground-truth VT;
+    teacher_context: text-only decoding after the privileged teacher context (GT VTs);
+    text: text-only decoding after the student context, image skip at most once."""
+    backend.model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    role = "teacher" if mode == "teacher_context" else "student"
+    texts = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        contexts = [backend.build_context(s, role=role) for s in chunk]
+        if mode in ("interleaved", "given_vt"):
+            outs = backend.generate_interleaved(
+                contexts,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                vt_steps=vt_steps,
+                max_images=max(1, max(len(s.vt_images) for s in chunk)),
+                given_vts=[s.vt_images for s in chunk] if mode == "given_vt" else None,
+                generator=gen,
+            )
+        else:
+            outs = backend.sample(contexts, max_new_tokens=max_new_tokens, temperature=0.0, max_image_skips=1)
+        texts += [o.text for o in outs]
+    return texts
+
+
+def accuracy(task: Task, samples: list[Sample], predictions: list[str]) -> float:
+    return sum(task.is_correct(s, p) for s, p in zip(samples, predictions, strict=True)) / max(1, len(samples))
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Train; returns the folder of the final model (`<out_dir>/final`)."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.data.task)
+    backend = build_backend(cfg)
+    patch = backend.cfg.patch_size
+    train = load_samples(cfg.data, task, "train", patch)
+    val = load_samples(cfg.data, task, "val", patch)
+    if cfg.data.trace == "interleaved" and not any(s.vt_images for s in train):
+        raise ValueError("data.trace=interleaved but no training sample has VT images")
+    modes = cfg.eval.modes or (["interleaved"] if cfg.data.trace == "interleaved" else ["text"])
+    (out / "config.json").write_text(json.dumps(_plain(cfg), indent=2))
+
+    model = backend.model
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    buckets = _buckets(train)
+    weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+    best = -1.0
+    t0 = time.perf_counter()
+    metrics = open(out / "metrics.jsonl", "w")
+    bar = tqdm(
+        range(cfg.optim.steps),
+        desc=f"sft {cfg.data.trace} ({n_params / 1e6:.2f}M params)",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        lr = lr_at(step, cfg.optim)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        idx = _draw_batch(buckets, weights, cfg.optim.batch_size, gen)
+        examples = [backend.training_row(train[i], _example_kind(cfg.data, train[i], gen), gen) for i in idx]
+        rows, labels, flows = zip(*examples, strict=True)
+        losses = backend.sft_losses(list(rows), list(labels), list(flows))
+        ce = losses["ce_sum"] / losses["n_text"].clamp(min=1)
+        flow = losses["flow_sum"] / losses["n_patch"].clamp(min=1)
+        loss = ce + cfg.optim.flow_weight * flow
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        opt.step()
+
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "lr": lr,
+            "loss": loss.item(),
+            "loss/ce": ce.item(),
+            "loss/flow": flow.item(),
+            "grad_norm": grad_norm.item(),
+            "tokens/text": int(losses["n_text"]),
+            "tokens/vt_patches": int(losses["n_patch"]),
+            "time/elapsed_s": time.perf_counter() - t0,
+        }
+        last_step = step + 1 == cfg.optim.steps
+        if val and ((step + 1) % cfg.eval.every == 0 or last_step):
+            t_eval = time.perf_counter()
+            for mode in modes:
+                preds = predict(
+                    backend, val, mode, cfg.eval.max_new_tokens, cfg.eval.vt_steps, cfg.eval.batch_size, cfg.seed
+                )
+                record[f"val/accuracy/{mode}"] = accuracy(task, val, preds)
+            record["time/eval_s"] = time.perf_counter() - t_eval
+            score = record[f"val/accuracy/{modes[0]}"]
+            _checkpoint(backend, out / "last", record)
+            if score > best:
+                best = score
+                _checkpoint(backend, out / "best", record)
+            bar.write(f"step {step + 1}: " + ", ".join(f"{m} acc {record[f'val/accuracy/{m}']:.3f}" for m in modes))
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['loss/ce']:.3f}", flow=f"{record['loss/flow']:.3f}")
+    metrics.close()
+    final = out / "final"
+    with atomic_dir(final) as tmp:
+        backend.save(tmp)
+    print(f"sft: {cfg.optim.steps} steps in {time.perf_counter() - t0:.1f} s; final model in {final}")
+    return final
+
+
+def _buckets(samples: list[Sample]) -> list[list[int]]:
+    """Sample indices grouped by image sizes and VT count: a batch drawn from one group has rows of
+    similar length, so little compute goes to padding (maze sizes differ 4x in patch count)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((tuple(im.size for im in s.problem_images), len(s.vt_images)), []).append(i)
+    return list(groups.values())
+
+
+def _draw_batch(buckets: list[list[int]], weights: torch.Tensor, size: int, gen: torch.Generator) -> list[int]:
+    """`size` random indices (with replacement) from one group, chosen in proportion to its size,
+    so every sample is equally likely overall."""
+    group = buckets[int(torch.multinomial(weights, 1, generator=gen))]
+    return [group[i] for i in torch.randint(len(group), (size,), generator=gen).tolist()]
+
+
+def _example_kind(cfg: DataConfig, sample: Sample, gen: torch.Generator) -> str:
+    if cfg.trace == "text_only" or not sample.vt_images:
+        return "text_only"
+    if float(torch.rand((), generator=gen)) < cfg.teacher_context_fraction:
+        return "teacher_context"
+    return "interleaved"
+
+
+def _checkpoint(backend: MiniBackend, path: Path, record: dict[str, Any]) -> None:
+    with atomic_dir(path) as tmp:
+        backend.save(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(record, indent=2))
+
+
+def _plain(cfg: Any) -> Any:
+    from visual_opsd.config import to_dict
+
+    return to_dict(cfg)
