@@ -1,0 +1,1 @@
+"""Model families behind one small interface (`base.Backend`): the built-in miniature unified model."""
