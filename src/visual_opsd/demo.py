@@ -1,7 +1,8 @@
 """`visual-opsd demo`: the paper's study in miniature, end to end on a CPU.
 
     data -> SFT teacher (interleaved VTs) -> text-only SFT baseline -> Visual-OPSD (real VTs)
-         -> noise-VT control -> evaluation of every system on held-out test mazes -> report
+         -> noise-VT control -> diagnostics (VT interventions, attention, KL pre/post and closure)
+         -> evaluation of every system on held-out test mazes -> report
 
 Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
 after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
@@ -26,17 +27,24 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "sft_teacher": {},
         "sft_text": {"data.trace": "text_only"},
         "opsd": {},
-        "eval": {"warmup": 2},
+        "diagnose": {"data.n": 48, "attention.n": 32},
+        "eval": {"warmup": 2, "max_new_tokens": 160},
     },
     "quick": {
-        "test": {"n": 16, "sizes": [3, 4], "seed": 2},
-        "sft_teacher": {"optim.steps": 40, "data.n_train": 200, "data.n_val": 8, "data.sizes": [3, 4],
-                        "model.d_model": 64, "model.n_layers": 2, "eval.every": 40, "eval.vt_steps": 10},
-        "sft_text": {"data.trace": "text_only", "optim.steps": 40, "data.n_train": 200, "data.n_val": 8,
-                     "data.sizes": [3, 4], "model.d_model": 64, "model.n_layers": 2, "eval.every": 40},
-        "opsd": {"optim.steps": 4, "optim.prompts_per_step": 4, "data.n_train": 50, "data.n_val": 8,
-                 "data.sizes": [3, 4], "eval.every": 4, "save_every": 2},
-        "eval": {"warmup": 1},
+        "test": {"n": 8, "sizes": [3, 4], "seed": 2},
+        "sft_teacher": {"optim.steps": 30, "data.n_train": 200, "data.n_val": 4, "data.sizes": [3, 4],
+                        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "eval.every": 30,
+                        "eval.vt_steps": 5, "eval.max_new_tokens": 48},
+        "sft_text": {"data.trace": "text_only", "optim.steps": 30, "data.n_train": 200, "data.n_val": 4,
+                     "data.sizes": [3, 4], "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+                     "eval.every": 30, "eval.max_new_tokens": 48},
+        "opsd": {"optim.steps": 3, "optim.prompts_per_step": 4, "data.n_train": 50, "data.n_val": 4,
+                 "data.sizes": [3, 4], "eval.every": 3, "save_every": 2, "rollout.max_new_tokens": 48,
+                 "eval.max_new_tokens": 48},
+        "diagnose": {"data.n": 4, "attention.n": 2, "interventions.vt_steps": 5, "attention.vt_steps": 5,
+                     "kl.sanity_samples": 2, "interventions.max_new_tokens": 48, "attention.max_new_tokens": 48,
+                     "kl.max_new_tokens": 48},
+        "eval": {"warmup": 1, "max_new_tokens": 48},
     },
 }
 # (system name, model stage, evaluation mode)
@@ -97,6 +105,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, progress: bool =
         ("sft_text", train_stage("sft_text")),
         ("opsd", train_stage("opsd")),
         ("opsd_noise", train_stage("opsd_noise")),
+        ("diagnose", lambda: _diagnose(out, PRESETS[preset]["diagnose"], progress)),
         ("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress)),
     ]
     t_start = time.perf_counter()
@@ -141,13 +150,29 @@ def _evaluate_systems(out: Path, options: dict, progress: bool) -> None:
     for name, stage, mode in SYSTEMS:
         model_dir = _selected_model(out, stage)
         backend = MiniBackend.load(model_dir)
-        result = evaluate(backend, test, task, mode, warmup=options["warmup"], desc=f"eval {name}", progress=progress)
+        result = evaluate(backend, test, task, mode, warmup=options["warmup"], max_new_tokens=options["max_new_tokens"],
+                          desc=f"eval {name}", progress=progress)
         write_records(result, out / "eval" / f"{name}.jsonl")
         results[name] = {"model": str(model_dir), "mode": mode, **result.summary()}
         print(f"  {name:20s} acc {result.accuracy:5.1f}% [{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  "
               f"{result.latency_s:.3f} s/sample  {result.tokens:.0f} tokens")
     (out / "eval").mkdir(parents=True, exist_ok=True)
     (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def _diagnose(out: Path, overrides: dict, progress: bool) -> None:
+    """VT interventions, attention and the KL diagnostic of the SFT teacher on the test mazes, with the
+    gap closure of both Visual-OPSD checkpoints (teacher side: the frozen base with VTs)."""
+    from visual_opsd.diagnostics.run import DiagnoseConfig, diagnose
+
+    items = {
+        "what": "all", "model": str(_selected_model(out, "sft_teacher")), "out_dir": str(out / "diagnose"),
+        "post": [f"{name}={_selected_model(out, name)}" for name in ("opsd", "opsd_noise")],
+        "data.path": str(out / "data" / "test"), "progress": progress, **overrides,
+    }
+    cfg = load_config(DiagnoseConfig, None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    results = diagnose(cfg)
+    (out / "diagnose" / "results.json").write_text(json.dumps(results, indent=2))
 
 
 def _selected_model(out: Path, stage: str) -> Path:
@@ -167,8 +192,11 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
                "tasks": {"maze": {k: r[k] for k in ("accuracy", "ci95", "n", "latency_s", "tokens")}}}
         for name, r in results.items()
     }
-    report = {"systems": systems, "kl": {}, "interventions": {}, "timing_s": timing,
-              "configs": {k: to_dict(v) for k, v in configs.items()}}
+    from visual_opsd.diagnostics.run import report_fields
+
+    diagnostics = report_fields(_load_json(out / "diagnose" / "results.json"))
+    report = {"systems": systems, "kl": diagnostics["kl"], "interventions": diagnostics["interventions"],
+              "timing_s": timing, "configs": {k: to_dict(v) for k, v in configs.items()}}
     runs = {name: out / name / "metrics.jsonl" for name in configs}
     notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
              "Latency: batch size 1 after warm-up, whole pipeline per sample, this machine's CPU threads.",

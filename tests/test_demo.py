@@ -1,0 +1,33 @@
+"""`visual-opsd demo --quick` end to end: every stage runs, the report has the contracted shape,
+and a second run skips the finished stages."""
+
+from __future__ import annotations
+
+import json
+
+from visual_opsd.cli import main
+from visual_opsd.demo import SYSTEMS
+
+
+def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {name for name, _, _ in SYSTEMS}
+    for system in report["systems"].values():
+        assert {"accuracy", "latency_s", "tokens", "tasks"} <= set(system)
+        maze = system["tasks"]["maze"]
+        assert 0 <= maze["ci95"][0] <= maze["accuracy"] <= maze["ci95"][1] <= 100 and maze["n"] == 8
+        assert system["latency_s"] > 0 and system["tokens"] >= 1
+    assert set(report["interventions"]) == {"interleaved", "text_only", "noise", "shuffled", "oracle"}
+    kl = report["kl"]
+    assert kl["pre"] >= 0 and set(kl["post"]) == set(kl["closure"]) == {"opsd", "opsd_noise"}
+    assert {"data", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval"} <= set(report["timing_s"])
+    for name in ("report.md", "pareto.png", "training_curves.png", "eval/opsd.jsonl"):
+        assert (out / name).is_file(), name
+    assert "| teacher_interleaved |" in (out / "report.md").read_text()
+    capsys.readouterr()
+
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier") == 7 and "| opsd |" in printed
