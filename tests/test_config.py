@@ -45,6 +45,9 @@ def test_defaults_yaml_and_overrides_compose(tmp_path):
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(Top, None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(Top, None, ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(Top, None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="steps: expected an integer"):
         load_config(Top, None, ["steps=1.5"])
 

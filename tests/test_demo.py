@@ -31,3 +31,23 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 7 and "| opsd |" in printed
+
+
+def test_demo_stages_use_the_shipped_configs(tmp_path):
+    """The full demo runs configs/*_demo.yaml unchanged except for where it writes (and the noise control)."""
+    from visual_opsd.config import load_config, to_dict
+    from visual_opsd.demo import DEFAULT_CONFIG_DIR, DEMO_CONFIGS, stage_configs
+
+    configs = stage_configs("default", tmp_path)
+    for stage, cfg in configs.items():
+        shipped = to_dict(load_config(type(cfg), DEFAULT_CONFIG_DIR / DEMO_CONFIGS[stage]))
+        resolved = to_dict(cfg)
+        changed = {k for k in shipped if shipped[k] != resolved[k]}
+        allowed = {"out_dir", "init_from", "model", "what", "teacher", "data"}
+        assert changed <= allowed, f"{stage}: demo changes {changed - allowed}"
+        if stage == "opsd_noise":
+            assert resolved["teacher"]["vt_mode"] == "noise"
+        elif "teacher" in resolved:
+            assert resolved["teacher"] == shipped["teacher"]
+        if stage != "diagnose":
+            assert resolved["data"] == shipped["data"]

@@ -162,10 +162,10 @@ def test_contexts_and_segments(backend, samples):
     kinds = [seg.kind for seg in teacher.segments]
     assert kinds == [
         "text",
+        "text",
         "marker",
         "problem_image",
         "marker",
-        "text",
         "framing",
         "marker",
         "vt_image",
@@ -285,6 +285,29 @@ def test_training_row_without_gen_copy_matches_inference_layout(backend, samples
     assert torch.allclose(a[0, keep], b[0], atol=1e-5)
     assert torch.equal(row.pos[keep], torch.arange(int(keep.sum())))  # GEN copy shares positions
     assert flow.shape == (int((row.kind == GEN).sum()), model.cfg.patch_dim)
+
+
+def test_sft_losses_with_a_shared_prefix_equal_the_plain_forward(backend, samples):
+    """Same question, different images: the shared-prefix path gives the same losses and grads."""
+    same_q = [samples[0], samples[2]]  # both 3 x 3: identical question text
+    g = torch.Generator().manual_seed(0)
+    ex = [backend.training_row(s, k, g) for s in same_q for k in ("interleaved", "teacher_context")]
+    rows, labels, flows = (list(t) for t in zip(*ex, strict=True))
+    from visual_opsd.backends.mini import _common_text_prefix
+
+    assert _common_text_prefix(collate(rows, backend.cfg.patch_dim, False)) > 5
+    results = []
+    for share in (False, True):
+        backend.model.zero_grad(set_to_none=True)
+        out = backend.sft_losses(rows, labels, flows, share_prefix=share)
+        (out["ce_sum"] + out["flow_sum"]).backward()
+        grads = [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
+        results.append((out, grads))
+    backend.model.zero_grad(set_to_none=True)
+    (a, ga), (b, gb) = results
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-4), key
+    assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
 
 
 def test_training_row_labels(backend, samples):

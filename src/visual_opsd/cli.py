@@ -110,6 +110,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of the whole pipeline")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    demo.add_argument("--configs", metavar="DIR", help="folder of the *_demo.yaml configs (default: the checkout's)")
     demo.set_defaults(handler=_demo)
 
     # config-driven commands -------------------------------------------------------------------
@@ -259,7 +260,7 @@ def _parse_task_options(items: list[str]) -> dict:
 def _demo(args) -> int:
     from visual_opsd.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs)
     return 0
 
 

@@ -19,15 +19,24 @@ from pathlib import Path
 
 from visual_opsd.config import load_config, to_dict
 
-# Overrides on top of the dataclass defaults; the full demo's equal configs/sft_demo.yaml,
-# configs/sft_text_demo.yaml and configs/train_demo.yaml (tests/test_demo.py keeps them in step).
+# The full demo runs the shipped configs as they are; `--quick` overrides them down to a smoke test.
+DEMO_CONFIGS = {
+    "sft_teacher": "sft_demo.yaml",
+    "sft_text": "sft_text_demo.yaml",
+    "opsd": "train_demo.yaml",
+    "opsd_noise": "train_demo.yaml",
+    "diagnose": "diagnose_demo.yaml",
+}
+# configs/ of a source checkout (the README's set-up installs the package from one, editable)
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "default": {
         "test": {"n": 100, "sizes": [3, 6], "seed": 2},
         "sft_teacher": {},
-        "sft_text": {"data.trace": "text_only"},
+        "sft_text": {},
         "opsd": {},
-        "diagnose": {"data.n": 48, "attention.n": 32},
+        "diagnose": {},
         "eval": {"warmup": 2, "max_new_tokens": 160},
     },
     "quick": {
@@ -35,7 +44,7 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "sft_teacher": {"optim.steps": 30, "data.n_train": 200, "data.n_val": 4, "data.sizes": [3, 4],
                         "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "eval.every": 30,
                         "eval.vt_steps": 5, "eval.max_new_tokens": 48},
-        "sft_text": {"data.trace": "text_only", "optim.steps": 30, "data.n_train": 200, "data.n_val": 4,
+        "sft_text": {"optim.steps": 30, "data.n_train": 200, "data.n_val": 4,
                      "data.sizes": [3, 4], "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
                      "eval.every": 30, "eval.max_new_tokens": 48},
         "opsd": {"optim.steps": 3, "optim.prompts_per_step": 4, "data.n_train": 50, "data.n_val": 4,
@@ -57,27 +66,39 @@ SYSTEMS = [
 ]
 
 
-def stage_configs(preset: str, out: Path) -> dict[str, object]:
-    """The resolved config of every training stage of `preset`, writing under `out`."""
+def stage_configs(preset: str, out: Path, config_dir: Path = DEFAULT_CONFIG_DIR) -> dict[str, object]:
+    """The resolved config of every stage of `preset` (shipped YAML + preset overrides), writing under `out`."""
+    from visual_opsd.diagnostics.run import DiagnoseConfig
     from visual_opsd.sft import SFTConfig
     from visual_opsd.train import TrainConfig
 
+    missing = [name for name in set(DEMO_CONFIGS.values()) if not (config_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"demo configs {sorted(missing)} not found in {config_dir}; run from a source checkout "
+            "(make demo) or pass --configs DIR"
+        )
     p = PRESETS[preset]
-
-    def ov(d: dict, **extra) -> list[str]:
-        return [f"{k}={json.dumps(v)}" for k, v in {**d, **extra}.items()]
-
     teacher_final = str(out / "sft_teacher" / "final")
+
+    def build(stage: str, cls, preset_key: str, **extra) -> object:
+        items = {**p[preset_key], "out_dir": str(out / stage), **extra}
+        return load_config(cls, config_dir / DEMO_CONFIGS[stage], [f"{k}={json.dumps(v)}" for k, v in items.items()])
+
     return {
-        "sft_teacher": load_config(SFTConfig, None, ov(p["sft_teacher"], out_dir=str(out / "sft_teacher"))),
-        "sft_text": load_config(SFTConfig, None, ov(p["sft_text"], out_dir=str(out / "sft_text"))),
-        "opsd": load_config(TrainConfig, None, ov(p["opsd"], init_from=teacher_final, out_dir=str(out / "opsd"))),
-        "opsd_noise": load_config(TrainConfig, None, ov(
-            p["opsd"], init_from=teacher_final, out_dir=str(out / "opsd_noise"), **{"teacher.vt_mode": "noise"})),
+        "sft_teacher": build("sft_teacher", SFTConfig, "sft_teacher"),
+        "sft_text": build("sft_text", SFTConfig, "sft_text"),
+        "opsd": build("opsd", TrainConfig, "opsd", init_from=teacher_final),
+        "opsd_noise": build("opsd_noise", TrainConfig, "opsd", init_from=teacher_final, **{"teacher.vt_mode": "noise"}),
+        # `post` (the Visual-OPSD checkpoints) is filled in when the stage runs, once they exist
+        "diagnose": build("diagnose", DiagnoseConfig, "diagnose", what="all", model=teacher_final,
+                          **{"data.path": str(out / "data" / "test")}),
     }
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, progress: bool = True) -> Path:
+def run_demo(
+    out: str | Path = "demo_out", quick: bool = False, progress: bool = True, config_dir: str | Path | None = None
+) -> Path:
     """Run (or finish) the whole study under `out`; returns the report's path."""
     from visual_opsd.sft import run_sft
     from visual_opsd.train import run_train
@@ -85,7 +106,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, progress: bool =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     preset = "quick" if quick else "default"
-    configs = stage_configs(preset, out)
+    configs = stage_configs(preset, out, Path(config_dir) if config_dir else DEFAULT_CONFIG_DIR)
     for cfg in configs.values():
         cfg.progress = progress
     timing: dict[str, float] = _load_json(out / "timing.json")
@@ -105,7 +126,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, progress: bool =
         ("sft_text", train_stage("sft_text")),
         ("opsd", train_stage("opsd")),
         ("opsd_noise", train_stage("opsd_noise")),
-        ("diagnose", lambda: _diagnose(out, PRESETS[preset]["diagnose"], progress)),
+        ("diagnose", lambda: _diagnose(out, configs["diagnose"])),
         ("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress)),
     ]
     t_start = time.perf_counter()
@@ -160,17 +181,12 @@ def _evaluate_systems(out: Path, options: dict, progress: bool) -> None:
     (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def _diagnose(out: Path, overrides: dict, progress: bool) -> None:
+def _diagnose(out: Path, cfg) -> None:
     """VT interventions, attention and the KL diagnostic of the SFT teacher on the test mazes, with the
     gap closure of both Visual-OPSD checkpoints (teacher side: the frozen base with VTs)."""
-    from visual_opsd.diagnostics.run import DiagnoseConfig, diagnose
+    from visual_opsd.diagnostics.run import diagnose
 
-    items = {
-        "what": "all", "model": str(_selected_model(out, "sft_teacher")), "out_dir": str(out / "diagnose"),
-        "post": [f"{name}={_selected_model(out, name)}" for name in ("opsd", "opsd_noise")],
-        "data.path": str(out / "data" / "test"), "progress": progress, **overrides,
-    }
-    cfg = load_config(DiagnoseConfig, None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    cfg.post = [f"{name}={_selected_model(out, name)}" for name in ("opsd", "opsd_noise")]
     results = diagnose(cfg)
     (out / "diagnose" / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -197,7 +213,7 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
     diagnostics = report_fields(_load_json(out / "diagnose" / "results.json"))
     report = {"systems": systems, "kl": diagnostics["kl"], "interventions": diagnostics["interventions"],
               "timing_s": timing, "configs": {k: to_dict(v) for k, v in configs.items()}}
-    runs = {name: out / name / "metrics.jsonl" for name in configs}
+    runs = {name: out / name / "metrics.jsonl" for name in configs if name != "diagnose"}
     notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
              "Latency: batch size 1 after warm-up, whole pipeline per sample, this machine's CPU threads.",
              "Visual-OPSD checkpoints are selected on the validation split, never on test."]

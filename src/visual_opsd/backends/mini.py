@@ -233,6 +233,18 @@ def text_tokens(ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, patch
     )
 
 
+def _common_text_prefix(x: Tokens) -> int:
+    """Length of the run of text items, from the start, that is identical in every row (at most
+    T - 1, so that every row keeps an item of its own)."""
+    same = (x.kind == TEXT) & (x.ids == x.ids[:1]) & (x.pos == x.pos[:1])  # (B, T)
+    run = same.all(0).long().cumprod(0)  # 1 while every row still agrees
+    return min(int(run.sum()), x.kind.shape[1] - 1)
+
+
+def _slice(x: Tokens, rows: slice, cols: slice) -> Tokens:
+    return Tokens(**{f: getattr(x, f)[rows, cols] for f in Tokens.__dataclass_fields__})
+
+
 def _row_mask(n: int, rows: list[int]) -> torch.Tensor:
     mask = torch.zeros(n, dtype=torch.bool)
     mask[rows] = True
@@ -342,13 +354,13 @@ class MiniBackend(Backend):
         tok = self.tokenizer
         b = RowBuilder(self.cfg.patch_size, self.cfg.patch_dim)
         b.text([tok.bos_id])
+        b.text(tok.encode(sample.question))  # first: rows of one task and size then share a prefix
         grid = (0, 0)
         for image in sample.problem_images:
             px = self.pixels(image)
             if grid == (0, 0):
                 grid = (px.shape[1] // self.cfg.patch_size, px.shape[2] // self.cfg.patch_size)
             self._image_block(b, px, "problem_image")
-        b.text(tok.encode(sample.question))
         if role == "teacher":
             b.text(tok.encode(self.framing_text), "framing")
             for image in pick_vt_images(sample, vt_mode, shuffled_from, self.max_vt_images):
@@ -604,15 +616,32 @@ class MiniBackend(Backend):
         return row, labels, flow
 
     def sft_losses(
-        self, rows: list[Row], labels: list[torch.Tensor], flow_targets: list[torch.Tensor]
+        self,
+        rows: list[Row],
+        labels: list[torch.Tensor],
+        flow_targets: list[torch.Tensor],
+        share_prefix: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Summed cross-entropy over labelled positions and summed squared velocity error over GEN
-        items (per patch, mean over its pixels), with the counts to normalise them by."""
+        items (per patch, mean over its pixels), with the counts to normalise them by.
+
+        With `share_prefix`, the text prefix common to all rows (start token + question: in a batch
+        of one maze size it is ~30% of every row) runs once and reaches the rows through a KV cache;
+        gradients flow through the cache, so the result equals the plain forward."""
         x = collate(rows, self.cfg.patch_dim, left_pad=False)
         lab = torch.full(x.kind.shape, IGNORE, dtype=torch.long)
         for b, l in enumerate(labels):
             lab[b, : len(l)] = l
-        hidden, _ = self.model(x)  # (B, S, D)
+        n = _common_text_prefix(x) if share_prefix and len(rows) > 1 else 0
+        labelled = torch.nonzero((lab != IGNORE).any(0)).flatten()
+        n = min(n, int(labelled[0])) if len(labelled) else n  # a shared position must carry no label
+        cache = None
+        if n > 1:
+            cache = KVCache(self.cfg.n_layers)
+            self.model(_slice(x, slice(0, 1), slice(0, n)), cache=cache, update_cache=True)
+            cache = cache.repeat_interleave(len(rows))
+            x, lab = _slice(x, slice(None), slice(n, None)), lab[:, n:]
+        hidden, _ = self.model(x, cache=cache)  # (B, S - n, D)
         has = lab != IGNORE
         ce = nn.functional.cross_entropy(self.model.logits(hidden[has]), lab[has], reduction="sum")
         is_gen = x.kind == GEN

@@ -181,9 +181,10 @@ class Layer(nn.Module):
         """und_fn on non-GEN items, gen_fn on GEN items (only the items each expert owns)."""
         if not self.gen_expert or not bool(is_gen.any()):
             return und_fn(x)
-        out = torch.empty_like(x)
-        out[~is_gen] = und_fn(x[~is_gen])  # (B, T, D)[mask] -> (N, D)
-        out[is_gen] = gen_fn(x[is_gen])
+        und, gen = und_fn(x[~is_gen]), gen_fn(x[is_gen])  # (B, T, D)[mask] -> (N, D)
+        out = x.new_empty(x.shape, dtype=und.dtype)  # (autocast may change the dtype)
+        out[~is_gen] = und
+        out[is_gen] = gen
         return out
 
     def forward(self, x, is_gen, cos, sin, mask, past, want_weights):
