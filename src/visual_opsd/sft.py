@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from tqdm import tqdm
@@ -144,7 +144,16 @@ class SFTConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
+class LRSchedule(Protocol):
+    """What the learning-rate schedule reads (the SFT and the Visual-OPSD optim configs both have it)."""
+
+    steps: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+def lr_at(step: int, cfg: LRSchedule) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

@@ -42,7 +42,7 @@ from visual_opsd.config import to_dict
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import accuracy, load_samples, predict
+from visual_opsd.sft import accuracy, load_samples, lr_at, predict
 from visual_opsd.tasks import get_task
 from visual_opsd.teacher import Teacher
 
@@ -159,15 +159,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.save_every < 1:
             raise ValueError("threads and save_every must be >= 1")
-
-
-def lr_at(step: int, cfg: TrainOptimConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @contextmanager
