@@ -162,10 +162,10 @@ def test_contexts_and_segments(backend, samples):
     kinds = [seg.kind for seg in teacher.segments]
     assert kinds == [
         "text",
-        "text",
         "marker",
         "problem_image",
         "marker",
+        "text",
         "framing",
         "marker",
         "vt_image",
@@ -288,14 +288,26 @@ def test_training_row_without_gen_copy_matches_inference_layout(backend, samples
 
 
 def test_sft_losses_with_a_shared_prefix_equal_the_plain_forward(backend, samples):
-    """Same question, different images: the shared-prefix path gives the same losses and grads."""
-    same_q = [samples[0], samples[2]]  # both 3 x 3: identical question text
-    g = torch.Generator().manual_seed(0)
-    ex = [backend.training_row(s, k, g) for s in same_q for k in ("interleaved", "teacher_context")]
-    rows, labels, flows = (list(t) for t in zip(*ex, strict=True))
-    from visual_opsd.backends.mini import _common_text_prefix
+    """Rows that open with the same text (then an image and their own text): the shared-prefix path
+    gives the same losses and gradients as the plain forward."""
+    from visual_opsd.backends.mini import IGNORE, RowBuilder, _common_text_prefix, to_pixels
 
-    assert _common_text_prefix(collate(rows, backend.cfg.patch_dim, False)) > 5
+    tok = backend.tokenizer
+    shared = [tok.bos_id, *tok.encode(samples[0].question)]
+    rows, labels, flows = [], [], []
+    for s in samples[:2]:
+        b = RowBuilder(backend.cfg.patch_size, backend.cfg.patch_dim)
+        b.text(shared)
+        b.image(to_pixels(s.problem_images[0]))
+        completion = tok.encode(s.text_only_completion()) + [tok.eos_id]
+        b.text(completion)
+        row = b.build()
+        lab = torch.full((len(row),), IGNORE, dtype=torch.long)
+        lab[-len(completion) - 1 : -1] = row.ids[-len(completion) :]  # position i predicts item i + 1
+        rows.append(row)
+        labels.append(lab)
+        flows.append(torch.zeros(0, backend.cfg.patch_dim))
+    assert _common_text_prefix(collate(rows, backend.cfg.patch_dim, False)) == len(shared)
     results = []
     for share in (False, True):
         backend.model.zero_grad(set_to_none=True)

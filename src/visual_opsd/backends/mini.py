@@ -354,13 +354,13 @@ class MiniBackend(Backend):
         tok = self.tokenizer
         b = RowBuilder(self.cfg.patch_size, self.cfg.patch_dim)
         b.text([tok.bos_id])
-        b.text(tok.encode(sample.question))  # first: rows of one task and size then share a prefix
         grid = (0, 0)
         for image in sample.problem_images:
             px = self.pixels(image)
             if grid == (0, 0):
                 grid = (px.shape[1] // self.cfg.patch_size, px.shape[2] // self.cfg.patch_size)
             self._image_block(b, px, "problem_image")
+        b.text(tok.encode(sample.question))
         if role == "teacher":
             b.text(tok.encode(self.framing_text), "framing")
             for image in pick_vt_images(sample, vt_mode, shuffled_from, self.max_vt_images):
