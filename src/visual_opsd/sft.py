@@ -41,21 +41,16 @@ EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text"]
 
 
 @dataclass
-class DataConfig:
+class TaskDataConfig:
+    """Where training and validation samples come from (SFT and Visual-OPSD alike)."""
+
     task: str = field(default="maze", metadata={"help": "task to train on (maze, jigsaw)"})
     path: str | None = field(default=None, metadata={"help": "training dataset; null = generate data.n_train"})
     val_path: str | None = field(default=None, metadata={"help": "validation dataset; null = generate data.n_val"})
     n_train: int = field(default=4000, metadata={"help": "generated training samples (data.path null)"})
-    n_val: int = field(default=64, metadata={"help": "validation samples used for accuracy during training"})
+    n_val: int = field(default=64, metadata={"help": "validation samples (accuracy during training, selection)"})
     sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi (maze only)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra task generator options"})
-    trace: Literal["interleaved", "text_only"] = field(
-        default="interleaved", metadata={"help": "interleaved = teacher with VTs; text_only = baseline"}
-    )
-    teacher_context_fraction: float = field(
-        default=0.25,
-        metadata={"help": "interleaved only: share of examples with the GT VT in the teacher context"},
-    )
     seed: int = field(default=0, metadata={"help": "seed of the generated data"})
 
     def __post_init__(self) -> None:
@@ -63,6 +58,20 @@ class DataConfig:
             raise ValueError("data.n_train must be >= 1 and data.n_val >= 0")
         if not 2 <= self.sizes[0] <= self.sizes[1]:
             raise ValueError(f"data.sizes must be lo <= hi with lo >= 2, got {self.sizes}")
+
+
+@dataclass
+class DataConfig(TaskDataConfig):
+    trace: Literal["interleaved", "text_only"] = field(
+        default="interleaved", metadata={"help": "interleaved = teacher with VTs; text_only = baseline"}
+    )
+    teacher_context_fraction: float = field(
+        default=0.25,
+        metadata={"help": "interleaved only: share of examples with the GT VT in the teacher context"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.teacher_context_fraction <= 1.0:
             raise ValueError(f"data.teacher_context_fraction must be in [0, 1], got {self.teacher_context_fraction}")
 
@@ -162,7 +171,7 @@ def lr_at(step: int, cfg: LRSchedule) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def load_samples(cfg: DataConfig, task: Task, split: str, patch_size: int) -> list[Sample]:
+def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -> list[Sample]:
     """The train or val samples: from `path` / `val_path`, else generated (mazes with one patch per cell)."""
     path = cfg.path if split == "train" else cfg.val_path
     if path is not None:

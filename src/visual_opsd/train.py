@@ -42,25 +42,9 @@ from visual_opsd.config import to_dict
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import accuracy, load_samples, lr_at, predict
+from visual_opsd.sft import TaskDataConfig, accuracy, load_samples, lr_at, predict
 from visual_opsd.tasks import get_task
 from visual_opsd.teacher import Teacher
-
-
-@dataclass
-class TrainDataConfig:
-    task: str = field(default="maze", metadata={"help": "task to distil on (maze, jigsaw)"})
-    path: str | None = field(default=None, metadata={"help": "training dataset; null = generate data.n_train"})
-    val_path: str | None = field(default=None, metadata={"help": "validation dataset; null = generate data.n_val"})
-    n_train: int = field(default=2000, metadata={"help": "generated training samples (data.path null)"})
-    n_val: int = field(default=64, metadata={"help": "validation samples (checkpoint selection)"})
-    sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi (maze only)"})
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra task generator options"})
-    seed: int = field(default=1, metadata={"help": "seed of the generated data"})
-
-    def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_val < 0:
-            raise ValueError("data.n_train must be >= 1 and data.n_val >= 0")
 
 
 @dataclass
@@ -149,7 +133,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     save_every: int = field(default=25, metadata={"help": "write last/ every N steps (and at the end)"})
     resume: str | None = field(default=None, metadata={"help": "resume from this checkpoint folder (last/)"})
-    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
