@@ -237,7 +237,7 @@ def test_attention_mask_rules():
 def test_attention_is_causal_and_blocks_are_bidirectional(backend, samples):
     """Functional check on the network: perturbing an item changes exactly what the mask allows."""
     model = backend.model
-    row, _, _ = backend.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0))
+    row = backend.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0)).row
     x = collate([row], model.cfg.patch_dim, left_pad=False)
     base, _ = model(x)
     kind = x.kind[0]
@@ -268,7 +268,7 @@ def test_training_row_without_gen_copy_matches_inference_layout(backend, samples
     """The SFT trick (noised copy in the same forward) leaves every other hidden state as in a row
     without the copy: what the text after a VT sees during SFT is what it sees at inference."""
     model = backend.model
-    row, labels, flow = backend.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0))
+    row, labels, flow, _ = backend.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0))
     keep = row.kind != GEN
     img = (row.kind == UND) | (row.kind == GEN)
     stripped = Row(
@@ -290,11 +290,11 @@ def test_training_row_without_gen_copy_matches_inference_layout(backend, samples
 def test_sft_losses_with_a_shared_prefix_equal_the_plain_forward(backend, samples):
     """Rows that open with the same text (then an image and their own text): the shared-prefix path
     gives the same losses and gradients as the plain forward."""
-    from visual_opsd.backends.mini import IGNORE, RowBuilder, _common_text_prefix, to_pixels
+    from visual_opsd.backends.mini import IGNORE, RowBuilder, TrainingExample, _common_text_prefix, to_pixels
 
     tok = backend.tokenizer
     shared = [tok.bos_id, *tok.encode(samples[0].question)]
-    rows, labels, flows = [], [], []
+    examples = []
     for s in samples[:2]:
         b = RowBuilder(backend.cfg.patch_size, backend.cfg.patch_dim)
         b.text(shared)
@@ -304,14 +304,12 @@ def test_sft_losses_with_a_shared_prefix_equal_the_plain_forward(backend, sample
         row = b.build()
         lab = torch.full((len(row),), IGNORE, dtype=torch.long)
         lab[-len(completion) - 1 : -1] = row.ids[-len(completion) :]  # position i predicts item i + 1
-        rows.append(row)
-        labels.append(lab)
-        flows.append(torch.zeros(0, backend.cfg.patch_dim))
-    assert _common_text_prefix(collate(rows, backend.cfg.patch_dim, False)) == len(shared)
+        examples.append(TrainingExample(row, lab, torch.zeros(0, backend.cfg.patch_dim), torch.zeros(0)))
+    assert _common_text_prefix(collate([e.row for e in examples], backend.cfg.patch_dim, False)) == len(shared)
     results = []
     for share in (False, True):
         backend.model.zero_grad(set_to_none=True)
-        out = backend.sft_losses(rows, labels, flows, share_prefix=share)
+        out = backend.sft_losses(examples, share_prefix=share)
         (out["ce_sum"] + out["flow_sum"]).backward()
         grads = [p.grad.clone() for p in backend.model.parameters() if p.grad is not None]
         results.append((out, grads))
@@ -322,18 +320,33 @@ def test_sft_losses_with_a_shared_prefix_equal_the_plain_forward(backend, sample
     assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
 
 
+def test_flow_copies_and_edit_weights(backend, samples):
+    """Two noised copies per VT; patches where the VT differs from the problem image weigh more."""
+    s = samples[0]
+    vt = np.asarray(s.problem_images[0]).copy()
+    vt[0:4, 4:8] = (220, 30, 30)  # the path crosses cell (0, 1) only
+    edited = Sample(**{**s.__dict__, "vt_images": [Image.fromarray(vt)]})
+    ex = backend.training_row(edited, "interleaved", torch.Generator().manual_seed(0), flow_copies=2, edit_weight=5)
+    assert int((ex.row.kind == GEN).sum()) == 2 * 9 and ex.flow_target.shape == (18, backend.cfg.patch_dim)
+    expected = torch.ones(9)
+    expected[1] = 5.0
+    assert torch.equal(ex.flow_weight, torch.cat([expected, expected]))
+    out = backend.sft_losses([ex, backend.training_row(s, "text_only")])
+    assert float(out["flow_weight"]) == 2 * 13 and int(out["n_patch"]) == 18
+
+
 def test_training_row_labels(backend, samples):
     s = samples[0]
     tok = backend.tokenizer
     ctx = backend.build_context(s)
-    row, labels, flow = backend.training_row(s, "text_only")
+    row, labels, flow, _ = backend.training_row(s, "text_only")
     comp = _completion(backend, s)
     assert (labels[: len(ctx.row) - 1] == IGNORE).all()
     assert labels[len(ctx.row) - 1 : -1].tolist() == comp and flow.numel() == 0 and labels[-1] == IGNORE
-    row, labels, _ = backend.training_row(s, "interleaved", torch.Generator().manual_seed(0))
+    row, labels, _, _ = backend.training_row(s, "interleaved", torch.Generator().manual_seed(0))
     text = tok.encode(s.interleaved_trace()) + [backend.eos_id]
     assert labels[labels != IGNORE].tolist() == text  # every trace token, markers included, once
-    trow, tlabels, _ = backend.training_row(s, "teacher_context")
+    trow, tlabels, _, _ = backend.training_row(s, "teacher_context")
     tctx = backend.build_context(s, role="teacher")
     assert tlabels[len(tctx.row) - 1 : -1].tolist() == comp
 

@@ -12,7 +12,10 @@ Per step:
      privileged *teacher context* (framing + VT + transition) followed by the text-only completion,
      so the teacher is also sharp where Visual-OPSD queries it;
    - data.trace=text_only: student context + text-only completion (cross-entropy only);
-2. loss = CE (mean over completion text tokens) + flow_weight * flow MSE (mean over VT patches);
+   Each VT enters as `optim.flow_copies` noised copies (own t and noise each; more flow signal
+   per forward) before its clean copy, see `MiniBackend.training_row`;
+2. loss = CE (mean over completion text tokens) + flow_weight * flow MSE (weighted mean over VT
+   patches; patches that differ from the problem image weigh `optim.flow_edit_weight`);
 3. AdamW step with gradient clipping; lr = linear warm-up then cosine to lr * min_lr_ratio.
 Every `eval.every` steps (and at the end) accuracy on the validation split with the task's scorer,
 atomic checkpoints `last/` and `best/` (best = highest validation accuracy of the first eval mode).
@@ -86,6 +89,9 @@ class ModelConfig:
     patch_size: int = field(default=8, metadata={"help": "pixels per patch side (= maze cell_px)"})
     max_grid: int = field(default=8, metadata={"help": "most patches per image side"})
     gen_expert: bool = field(default=True, metadata={"help": "separate norms/MLPs for generation tokens"})
+    rope_2d_pairs: int | None = field(
+        default=None, metadata={"help": "rotary pairs per head turned by patch row (and column); null: head_dim / 8"}
+    )
     tokenizer_tasks: list[str] = field(
         default_factory=lambda: ["maze", "jigsaw"], metadata={"help": "tasks whose words make the vocabulary"}
     )
@@ -111,14 +117,23 @@ class OptimConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     flow_weight: float = field(default=1.0, metadata={"help": "weight of the flow-matching loss"})
+    flow_copies: int = field(
+        default=1, metadata={"help": "noised copies of each VT per example (own t and noise each)"}
+    )
+    flow_edit_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "flow-loss weight of VT patches that differ from the problem image (5 over-drew at demo scale)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("optim.steps and optim.batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.flow_copies < 1:
+            raise ValueError("optim.steps, optim.batch_size and optim.flow_copies must be >= 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.flow_weight < 0:
-            raise ValueError("optim.warmup_steps, optim.grad_clip and optim.flow_weight must be >= 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.flow_weight < 0 or self.flow_edit_weight < 0:
+            raise ValueError("optim.warmup_steps, grad_clip, flow_weight and flow_edit_weight must be >= 0")
 
 
 @dataclass
@@ -129,7 +144,7 @@ class EvalConfig:
         metadata={"help": "accuracies to log; the first selects best/. null: interleaved or text by data.trace"},
     )
     vt_steps: int = field(default=50, metadata={"help": "denoising steps of VTs generated during validation"})
-    max_new_tokens: int = field(default=160, metadata={"help": "token budget of validation answers"})
+    max_new_tokens: int = field(default=320, metadata={"help": "token budget of validation answers"})
     batch_size: int = field(default=64, metadata={"help": "rows per batch of validation decoding"})
 
     def __post_init__(self) -> None:
@@ -201,6 +216,7 @@ def build_backend(cfg: SFTConfig) -> MiniBackend:
         patch_size=m.patch_size,
         max_grid=m.max_grid,
         gen_expert=m.gen_expert,
+        rope_2d_pairs=m.rope_2d_pairs,
         framing_text=m.framing_text,
         transition_text=m.transition_text,
     )
@@ -210,7 +226,7 @@ def predict(
     backend: MiniBackend,
     samples: list[Sample],
     mode: EvalMode,
-    max_new_tokens: int = 160,
+    max_new_tokens: int = 320,
     vt_steps: int = 50,
     batch_size: int = 64,
     seed: int = 0,
@@ -289,11 +305,15 @@ def run_sft(cfg: SFTConfig) -> Path:
             group["lr"] = lr
         model.train()
         idx = _draw_batch(buckets, weights, cfg.optim.batch_size, gen)
-        examples = [backend.training_row(train[i], _example_kind(cfg.data, train[i], gen), gen) for i in idx]
-        rows, labels, flows = zip(*examples, strict=True)
-        losses = backend.sft_losses(list(rows), list(labels), list(flows))
+        examples = [
+            backend.training_row(
+                train[i], _example_kind(cfg.data, train[i], gen), gen, cfg.optim.flow_copies, cfg.optim.flow_edit_weight
+            )
+            for i in idx
+        ]
+        losses = backend.sft_losses(examples)
         ce = losses["ce_sum"] / losses["n_text"].clamp(min=1)
-        flow = losses["flow_sum"] / losses["n_patch"].clamp(min=1)
+        flow = losses["flow_sum"] / losses["flow_weight"].clamp(min=1)
         loss = ce + cfg.optim.flow_weight * flow
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,7 +20,8 @@ fed back as an UND block followed by `<image_end>`, and text decoding goes on. P
 `<image_start>` is treated by image skip: an injected `<image_end>` and more text.
 
 SFT examples (`training_row`): "interleaved" = student context + interleaved trace, each VT present
-twice, first noised (GEN, flow loss) then clean (UND, read by the text after it), see mini_model.py;
+as noised copies (GEN, flow loss; `flow_copies` of them, each with its own t) then clean (UND, read
+by the text after it), see mini_model.py;
 "text_only" = student context + text-only completion; "teacher_context" = teacher context (GT VTs)
 + text-only completion. Cross-entropy covers completion text only (never context or framing).
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -243,6 +244,15 @@ def _common_text_prefix(x: Tokens) -> int:
 
 def _slice(x: Tokens, rows: slice, cols: slice) -> Tokens:
     return Tokens(**{f: getattr(x, f)[rows, cols] for f in Tokens.__dataclass_fields__})
+
+
+class TrainingExample(NamedTuple):
+    """One SFT example: its sequence, next-token labels, and the flow targets of its GEN items."""
+
+    row: Row
+    labels: torch.Tensor  # (S,) next text id, IGNORE where no loss
+    flow_target: torch.Tensor  # (N_gen, P) velocity x_data - noise of each GEN item, in order
+    flow_weight: torch.Tensor  # (N_gen,) loss weight of each GEN item
 
 
 def _row_mask(n: int, rows: list[int]) -> torch.Tensor:
@@ -578,28 +588,42 @@ class MiniBackend(Backend):
         sample: Sample,
         kind: Literal["interleaved", "text_only", "teacher_context"],
         generator: torch.Generator | None = None,
-    ) -> tuple[Row, torch.Tensor, torch.Tensor]:
-        """(row, labels (S,), velocity targets (N_gen, P)) of one SFT example (module docstring).
-        labels[i] is the id of the next text item after position i (GEN items skipped) when that
-        item is in the completion; IGNORE elsewhere."""
+        flow_copies: int = 1,
+        edit_weight: float = 1.0,
+    ) -> TrainingExample:
+        """One SFT example (module docstring). labels[i] is the id of the next text item after
+        position i (GEN items skipped) when that item is in the completion; IGNORE elsewhere.
+
+        Each VT gets `flow_copies` noised GEN copies, each with its own t and noise: they see the
+        same prefix but not each other, so extra copies add flow-matching signal at the cost of the
+        VT's tokens only, not the whole row's. Patches where the VT differs from the first problem
+        image (the drawn path: an edit of the input, as VTs usually are) weigh `edit_weight` in the
+        flow loss, the rest 1: otherwise copying the map dominates the loss."""
         role = "teacher" if kind == "teacher_context" else "student"
         b, _ = self._context_builder(sample, role, "data", None, None)
         n_ctx = len(b.kind)
         enc = self.tokenizer.encode
-        targets = []
+        targets, weights = [], []
         if kind == "interleaved":
             vts = sample.vt_images[: len(sample.thoughts) - 1]
+            problem = patchify(self.pixels(sample.problem_images[0]), self.cfg.patch_size)  # (N, P)
             for i, thought in enumerate(sample.thoughts):
                 b.text(enc(f"<think>{thought}</think>"))
                 if i < len(vts):
                     x1 = self.pixels(vts[i])
-                    x0 = torch.randn(x1.shape, generator=generator)
-                    t = float(torch.rand((), generator=generator))
+                    patches = patchify(x1, self.cfg.patch_size)  # (N, P)
+                    edited = torch.ones(len(patches))
+                    if patches.shape == problem.shape:
+                        edited = 1 + (edit_weight - 1) * ((patches - problem).abs().mean(-1) > 0.05).float()
                     b.text([self.image_start_id])
-                    b.image(t * x1 + (1 - t) * x0, GEN, t=t, advance=False)
+                    for _ in range(flow_copies):
+                        x0 = torch.randn(x1.shape, generator=generator)
+                        t = float(torch.rand((), generator=generator))
+                        b.image(t * x1 + (1 - t) * x0, GEN, t=t, advance=False)
+                        targets.append(patchify(x1 - x0, self.cfg.patch_size))
+                        weights.append(edited)
                     b.image(x1, UND)
                     b.text([self.image_end_id])
-                    targets.append(patchify(x1 - x0, self.cfg.patch_size))
             b.text(enc(sample.answer_text()) + [self.eos_id])
         else:
             b.text(enc(sample.text_only_completion()) + [self.eos_id])
@@ -612,26 +636,27 @@ class MiniBackend(Backend):
             if k == TEXT and j >= n_ctx and prev >= 0:
                 labels[prev] = b.ids[j]
             prev = j
-        flow = torch.cat(targets) if targets else torch.zeros(0, self.cfg.patch_dim)
-        return row, labels, flow
+        P = self.cfg.patch_dim
+        return TrainingExample(
+            row,
+            labels,
+            torch.cat(targets) if targets else torch.zeros(0, P),
+            torch.cat(weights) if weights else torch.zeros(0),
+        )
 
-    def sft_losses(
-        self,
-        rows: list[Row],
-        labels: list[torch.Tensor],
-        flow_targets: list[torch.Tensor],
-        share_prefix: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """Summed cross-entropy over labelled positions and summed squared velocity error over GEN
-        items (per patch, mean over its pixels), with the counts to normalise them by.
+    def sft_losses(self, examples: list[TrainingExample], share_prefix: bool = True) -> dict[str, torch.Tensor]:
+        """Summed cross-entropy over labelled positions and weighted summed squared velocity error
+        over GEN items (per patch: mean over its pixels), with what to normalise them by (the number
+        of labelled text tokens; the sum of patch weights) and the number of GEN items.
 
-        With `share_prefix`, the text prefix common to all rows (start token + question: in a batch
-        of one maze size it is ~30% of every row) runs once and reaches the rows through a KV cache;
-        gradients flow through the cache, so the result equals the plain forward."""
+        With `share_prefix`, the text prefix common to all rows (when there is one, such as a shared
+        system prompt) runs once and reaches the rows through a KV cache; gradients flow through
+        the cache, so the result equals the plain forward."""
+        rows = [e.row for e in examples]
         x = collate(rows, self.cfg.patch_dim, left_pad=False)
         lab = torch.full(x.kind.shape, IGNORE, dtype=torch.long)
-        for b, l in enumerate(labels):
-            lab[b, : len(l)] = l
+        for b, e in enumerate(examples):
+            lab[b, : len(e.labels)] = e.labels
         n = _common_text_prefix(x) if share_prefix and len(rows) > 1 else 0
         labelled = torch.nonzero((lab != IGNORE).any(0)).flatten()
         n = min(n, int(labelled[0])) if len(labelled) else n  # a shared position must carry no label
@@ -645,10 +670,17 @@ class MiniBackend(Backend):
         has = lab != IGNORE
         ce = nn.functional.cross_entropy(self.model.logits(hidden[has]), lab[has], reduction="sum")
         is_gen = x.kind == GEN
-        vel = self.model.velocity(hidden[is_gen])  # (N_gen, P), rows in order, items in order
-        target = torch.cat(flow_targets) if flow_targets else vel.new_zeros(0, vel.shape[-1])
-        flow = ((vel - target) ** 2).mean(-1).sum()
-        return {"ce_sum": ce, "n_text": has.sum(), "flow_sum": flow, "n_patch": is_gen.sum()}
+        vel = self.model.velocity(hidden[is_gen])  # (N_gen, P): rows in order, items in order
+        target = torch.cat([e.flow_target for e in examples])  # (N_gen, P)
+        weight = torch.cat([e.flow_weight for e in examples])  # (N_gen,)
+        flow = (weight * ((vel - target) ** 2).mean(-1)).sum()
+        return {
+            "ce_sum": ce,
+            "n_text": has.sum(),
+            "flow_sum": flow,
+            "flow_weight": weight.sum(),
+            "n_patch": is_gen.sum(),
+        }
 
     # persistence -------------------------------------------------------------------------------
 
@@ -703,8 +735,9 @@ class MiniBackend(Backend):
                 self._image_vt_block(b, images[n_images])
                 n_images += 1
         b.text(run, "trace_text")
-        return MiniContext(role="student", vt_mode=None, segments=list(b.segments), row=b.build(), grid=grid,
-                           next_pos=b.next_pos)
+        return MiniContext(
+            role="student", vt_mode=None, segments=list(b.segments), row=b.build(), grid=grid, next_pos=b.next_pos
+        )
 
     def _image_vt_block(self, b: RowBuilder, image: Image.Image) -> None:
         # the fed-back image is 8-bit (generate_interleaved quantises before feeding), as here

@@ -5,9 +5,12 @@ A sequence is a list of items of three kinds (plus padding):
 - UND (understanding patch): an image patch (pixels in [-1, 1]) -> `und_in` linear;
 - GEN (generation patch): a *noised* patch x_t of a VT being generated, with its flow time t ->
   `gen_in` linear + an MLP of a sinusoidal embedding of t.
-Image items also get a learned row and column embedding (2-D position), every item a type
-embedding, and all of them rotary 1-D positions from explicit position ids (so left padding, KV
-caches and blocks that share positions need no special cases).
+Image items also get a learned row and column embedding (2-D position) and every item a type
+embedding. Attention is rotary: by default half of each head's rotary pairs turn with explicit 1-D
+position ids (so left padding, KV caches and blocks that share positions need no special cases),
+a quarter with the patch row and a quarter with the column (2-D rotary, zero for text), which
+makes "the same cell in another image" (a VT copying the map) easy to attend to. Measured after
+1000 SFT steps: VT fidelity 0.61 -> 0.83, accuracy with the ground-truth VT inserted 37% -> 55%.
 
 Attention (`attention_mask`): causal across the sequence, bidirectional inside an image block, and
 GEN items are visible only to their own block. That last rule lets one SFT forward hold both the
@@ -20,7 +23,8 @@ and MLPs in every layer and their own output head (velocity); attention weights 
 `gen_expert=False` all items share the MLPs.
 
 Rectified flow convention: x_t = t * x_data + (1 - t) * noise, t in [0, 1] (t = 1 is data); the
-model predicts the velocity x_data - noise; sampling is Euler from t = 0 to 1.
+model predicts the velocity x_data - noise; sampling is Euler from t = 0 to 1. (Predicting the clean
+patch instead, with the velocity loss, made the text loss markedly worse at the demo budget.)
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class MiniConfig:
     max_grid: int = 8  # most patches per image side
     gen_expert: bool = True  # separate norms + MLPs + head for GEN items
     rope_base: float = 10000.0
+    # rotary pairs per head turned by the patch row, and as many by the column; None: a quarter of
+    # the head's pairs each (head_dim 32: 4 + 4 of 16 pairs), the other half turn with 1-D positions
+    rope_2d_pairs: int | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
@@ -56,6 +63,10 @@ class MiniConfig:
         for name in ("n_layers", "patch_size", "channels", "max_grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rope_2d_pairs is None:
+            self.rope_2d_pairs = (self.d_model // self.n_heads) // 8
+        if not 0 <= 2 * self.rope_2d_pairs < (self.d_model // self.n_heads) // 2:
+            raise ValueError(f"rope_2d_pairs ({self.rope_2d_pairs}) must leave rotary pairs for 1-D positions")
 
     @property
     def patch_dim(self) -> int:
@@ -224,10 +235,17 @@ class MiniUMM(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.gen_norm = nn.LayerNorm(d)
         self.vel_head = nn.Linear(d, cfg.patch_dim)
-        half = (d // cfg.n_heads) // 2
+        # Rotary frequencies: n1 pairs turn with the 1-D sequence position; 2 * rope_2d_pairs pairs
+        # turn with the patch row / column (0 for text), at frequencies 2 pi k / (2 max_grid), k = 1..,
+        # so that a patch attending to the same cell of another image (the VT copying the map, the
+        # clean VT read at a cell named in text) sees zero relative rotation there whatever the
+        # distance between the images in the sequence.
+        n1 = (d // cfg.n_heads) // 2 - 2 * cfg.rope_2d_pairs
+        k = torch.arange(1, cfg.rope_2d_pairs + 1, dtype=torch.float32)
         self.register_buffer(
-            "inv_freq", cfg.rope_base ** (-torch.arange(half, dtype=torch.float32) / half), persistent=False
+            "inv_freq", cfg.rope_base ** (-torch.arange(n1, dtype=torch.float32) / n1), persistent=False
         )
+        self.register_buffer("freq_2d", 2 * math.pi * k / (2 * cfg.max_grid), persistent=False)
         self.apply(self._init)
         # Image inputs start at unit scale (fan-in init) with strong 2-D positions. At the 0.02 scale of
         # the text embeddings they were drowned out, and the text -> patch lookup every maze thought
@@ -269,7 +287,10 @@ class MiniUMM(nn.Module):
         and per-layer attention weights (B, H, T, S+T) when asked. With `update_cache` the new
         items' keys / values (and validity) are appended to `cache`."""
         mask = attention_mask(x, cache.valid if cache is not None and cache.valid is not None else None)
-        angles = x.pos.float()[..., None] * self.inv_freq  # (B, T, Dh/2)
+        rc = x.rowcol.float()
+        angles = torch.cat(  # (B, T, Dh/2): 1-D pairs, then row pairs, then column pairs
+            [x.pos.float()[..., None] * self.inv_freq, rc[..., :1] * self.freq_2d, rc[..., 1:] * self.freq_2d], -1
+        )
         cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None]  # (B, 1, T, Dh)
         sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None]
         is_gen = x.kind == GEN
