@@ -1,0 +1,158 @@
+"""Data-parallel training under `accelerate launch`: ranks, data shards, gradient and metric reductions.
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m visual_opsd.cli train --config ...
+
+The same command without `accelerate launch` is one process and does no communication. With N
+processes (any launcher accelerate supports: DDP, multi-node; gloo on CPU, NCCL on GPUs):
+- every rank takes a contiguous shard of each step's prompts and rolls them out itself;
+- the loss of each micro-batch is divided by the number of completion tokens of the whole step on
+  *all* ranks (`losses.global_token_count` all-reduces it), and the gradients are *summed* over
+  ranks once per step, after the last micro-batch. So the gradient is the token mean over the
+  global batch whatever its split into ranks and micro-batches (no world-size factor: a sum, not
+  DDP's average);
+- parameters without a gradient on every rank stay without one (as in one process, where AdamW
+  skips them), so N processes reproduce one process exactly up to float summation order;
+- metrics are reduced (sums for loss and token counts, means for rollout statistics) and written
+  by rank 0, which alone writes checkpoints (full weights and optimizer state: resumable on any
+  number of processes).
+
+Gradient sync is explicit rather than through a DDP wrapper because a backend's `score` calls its
+network more than once per micro-batch (context prefix, then completion) and reads the output head
+directly; the wrapper's hooks would see only some of those calls. Backends whose scoring goes
+through the module's forward can be sharded with FSDP / DeepSpeed (see docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class Dist:
+    """The process topology of a run. `Dist.create()` inside `accelerate launch`, plain otherwise."""
+
+    def __init__(self, accelerator: Any = None) -> None:
+        self.accelerator = accelerator
+        if accelerator is not None:
+            self.rank, self.world = accelerator.process_index, accelerator.num_processes
+            self.device = accelerator.device
+        else:
+            self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+
+    @classmethod
+    def create(cls) -> Dist:
+        """Use accelerate when installed (it reads the launcher's environment); else one process."""
+        try:
+            from accelerate import Accelerator
+        except ImportError:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise RuntimeError("launched with several processes but accelerate is not installed") from None
+            return cls(None)
+        return cls(Accelerator())
+
+    @property
+    def engine(self) -> str:
+        """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ..."""
+        return "NO" if self.accelerator is None else str(self.accelerator.distributed_type).split(".")[-1]
+
+    def check_engine(self, backend: Any) -> None:
+        """Refuse sharded engines for backends that cannot be wrapped, rather than silently replicating."""
+        if self.engine in ("FSDP", "DEEPSPEED") and not getattr(backend, "supports_sharding", False):
+            from visual_opsd.config import ConfigError
+
+            raise ConfigError(
+                f"accelerate config uses {self.engine}, but the {type(backend).__name__} backend calls its network "
+                "several times per micro-batch outside one forward and cannot be sharded; use "
+                "configs/accelerate/ddp.yaml (data parallel) for it (docs/scale.md)"
+            )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of `items` (len(items) must be a multiple of the world size)."""
+        if len(items) % self.world:
+            raise ValueError(f"{len(items)} items do not split evenly over {self.world} processes")
+        k = len(items) // self.world
+        return list(items[self.rank * k : (self.rank + 1) * k])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision as configured in the accelerate config (a no-op for `no`)."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def _active(self) -> bool:
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum or max of `value` over ranks (in place; returned for chaining)."""
+        if self._active():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return value
+
+    def sum(self, x: float) -> float:
+        return float(self.all_reduce(torch.tensor(float(x), dtype=torch.float64, device=self.device)))
+
+    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of each value (keys must be the same on every rank)."""
+        if not self._active():
+            return dict(values)
+        keys = sorted(values)
+        t = self.all_reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def gather_int(self, x: int) -> list[int]:
+        """Every rank's `x`, in rank order."""
+        if not self._active():
+            return [int(x)]
+        out = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor(int(x), dtype=torch.int64, device=self.device))
+        return [int(t) for t in out]
+
+    @torch.no_grad()
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Sum `.grad` over ranks in one flat all-reduce; a parameter that has no gradient on any rank
+        keeps none (on ranks where it has none but others do, it counts as zeros)."""
+        if not self._active():
+            return
+        params = list(params)
+        has = self.all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device))
+        live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
+        if not live:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in live])
+        self.all_reduce(flat)
+        offset = 0
+        for p in live:
+            n = p.numel()
+            summed = flat[offset : offset + n].view_as(p)
+            if p.grad is not None:
+                p.grad.copy_(summed)  # in place: no second copy of every gradient
+            else:
+                p.grad = summed.clone()
+            offset += n
+
+    def barrier(self) -> None:
+        if self._active():
+            dist.barrier()
+
+    def close(self) -> None:
+        """End of run: wait for every rank, then shut the process group down cleanly (gloo may abort
+        at interpreter exit otherwise)."""
+        if self._active():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. writes a file), the others after it is done."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
