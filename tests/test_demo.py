@@ -23,7 +23,7 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     kl = report["kl"]
     assert kl["pre"] >= 0 and set(kl["post"]) == set(kl["closure"]) == {"opsd", "opsd_noise"}
     assert {"data", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval"} <= set(report["timing_s"])
-    for name in ("report.md", "pareto.png", "training_curves.png", "eval/opsd.jsonl"):
+    for name in ("report.md", "pareto.png", "training_curves.png", "eval/records/opsd_maze.jsonl", "eval/results.md"):
         assert (out / name).is_file(), name
     assert "| teacher_interleaved |" in (out / "report.md").read_text()
     capsys.readouterr()

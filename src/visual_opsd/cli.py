@@ -30,12 +30,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from visual_opsd.config import ConfigError
+    from visual_opsd.data import DataError
+    from visual_opsd.errors import RunError
 
     try:
         return int(args.handler(args) or 0)
     except ConfigError as e:
         print(f"visual-opsd: config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # names the file, row and field
+        print(f"visual-opsd: data error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:  # checkpoint unusable, budget exceeded, training aborted: the message says why
+        print(f"visual-opsd: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("visual-opsd: interrupted", file=sys.stderr)
         return 130
@@ -118,6 +126,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == "diagnose":  # a config command with its own positional and flags
             _add_diagnose_command(commands, help_text, loader, load=chosen == name)
             continue
+        if name == "eval":  # likewise: --system, --out, --vsp, ... flags
+            _add_eval_command(commands, help_text, loader, load=chosen == name)
+            continue
         _add_config_command(commands, name, help_text, loader, load=chosen == name)
     return parser
 
@@ -184,6 +195,12 @@ def _config_diagnose():
     return DiagnoseConfig, run_diagnose
 
 
+def _config_eval():
+    from visual_opsd.evaluate import EvaluateConfig, run_eval
+
+    return EvaluateConfig, run_eval
+
+
 # command -> (help, loader returning (config class, run function)). A YAML file under configs/
 # named `<command>_*.yaml` holds a config for that command (the test suite validates them all).
 CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
@@ -191,6 +208,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
     "train": ("Visual-OPSD: on-policy self-distillation from the privileged-VT teacher", _config_train),
     "diagnose": ("diagnostics: VT interventions, attention fractions, KL diagnostic and gap closure",
                  _config_diagnose),
+    "eval": ("evaluate systems on tasks and VSP maps: accuracy with Wilson intervals, latency at batch size 1, tokens",
+             _config_eval),
 }
 
 
@@ -243,6 +262,64 @@ def _diagnose(args) -> int:
     except FileNotFoundError as e:
         print(f"visual-opsd diagnose: {e}", file=sys.stderr)
         return 2
+
+
+def _add_eval_command(commands, help_text: str, loader: Callable[[], tuple], load: bool) -> None:
+    """`eval --system NAME=MODEL_DIR[:MODE]... [--task T] [--n N --sizes LO HI --seed S | --data DIR] [--vsp DIR]
+    [--rule R] --out DIR [--config FILE] [key=value]`: the flags become config overrides (systems=, data.*=, ...)."""
+    cmd = commands.add_parser(
+        "eval",
+        help=help_text,
+        description=(
+            f"{help_text}. Writes results.json, results.md, pareto.png and records/<system>_<task>.jsonl under "
+            "--out. Held-out data is generated from the test split unless --data is given. "
+            "Settings come from --config FILE.yaml, then key.sub=value overrides, then the flags."
+        ),
+        epilog=("config keys (default, meaning):\n" + _format_config_help(loader()[0])) if load else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("--system", metavar="NAME=MODEL_DIR[:MODE]", action="append", default=[],
+                     help="a model folder and how to ask it; MODE: interleaved, given_vt, text (default) or "
+                     "teacher_context (repeatable)")
+    cmd.add_argument("--task", action="append", default=[], help="task to generate held-out data for (repeatable; "
+                     "default maze, or none with --vsp)")
+    cmd.add_argument("--n", type=int, help="samples per task (default 100 generated, or all of --data)")
+    cmd.add_argument("--sizes", type=int, nargs=2, metavar=("LO", "HI"), help="maze sizes (default 3 6)")
+    cmd.add_argument("--seed", type=int, help="seed of the generated data (default 2, the demo's test set)")
+    cmd.add_argument("--data", metavar="DIR", help="evaluate on this dataset instead of generated data")
+    cmd.add_argument("--vsp", metavar="DIR", help="evaluate on the VSP maps of DIR (level{L}/{img,table}/{i}.*), "
+                     "reported per level with both rules (add --task maze for generated mazes as well)")
+    cmd.add_argument("--rule", choices=["strict", "vsp"], help="VSP headline rule; both are reported (default strict)")
+    cmd.add_argument("--out", metavar="DIR", help="output folder (default runs/eval)")
+    cmd.add_argument("--warmup", type=int, metavar="K", help="untimed samples before timing (default 2)")
+    cmd.add_argument("--max-new-tokens", type=int, metavar="M", help="token budget of an answer (default 160)")
+    cmd.add_argument("--vt-steps", type=int, metavar="V", help="denoising steps per generated VT (default 50)")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    cmd.add_argument("--config", help="YAML config file")
+    cmd.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    cmd.set_defaults(handler=_eval)
+
+
+def _eval(args) -> int:
+    import json
+
+    import yaml
+
+    from visual_opsd.config import load_config, to_dict
+
+    flags = {"systems": args.system or None, "data.tasks": args.task or None, "data.n": args.n,
+             "data.sizes": args.sizes, "data.seed": args.seed, "data.path": args.data, "vsp": args.vsp,
+             "rule": args.rule, "out_dir": args.out, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
+             "vt_steps": args.vt_steps, "progress": False if args.no_progress else None}
+    overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cls, run = _config_eval()
+    cfg = load_config(cls, args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    run(cfg)
+    return 0
 
 
 def _parse_task_options(items: list[str]) -> dict:

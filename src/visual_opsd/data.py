@@ -70,6 +70,12 @@ _REASONING_IMAGE = re.compile(r"^reasoning_image_(\d+)$")
 _THOUGHT = re.compile(r"^(?:resoning|reasoning)_thought_(\d+)$")  # ThinkMorph spells it "resoning"
 _PARQUET_SCALARS = ("pid", "question", "answer", "task", "full_text_only_thought")
 _PARQUET_BATCH_ROWS = 32  # rows decoded at a time: bounds memory on files with large images
+# Memory bounds on hostile input: an image header is checked before its pixels are decoded (a
+# 100,000 x 100,000 PNG is a few hundred bytes on disk and 30 GB decoded); a JSONL line is read
+# at most this long. Both fail the row with a located error, never the process.
+MAX_IMAGE_PIXELS = 6144 * 6144
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters other than \t \n \r
 
 
 @dataclass(frozen=True)
@@ -348,6 +354,10 @@ def _check_content(
         errors.append(RowError(label, "question", "empty", file))
     if answer is not None and not answer.strip():
         errors.append(RowError(label, "answer", "empty", file))
+    for name, text in (("question", question), ("answer", answer)):
+        bad = None if text is None else _CONTROL.search(text)
+        if bad:
+            errors.append(RowError(label, name, f"control character {bad.group()!r} at position {bad.start()}", file))
     if n_vts > max_vts:
         errors.append(RowError(label, "vt_images", f"{n_vts} visual thoughts, more than max_vts={max_vts}", file))
     if n_thoughts and n_thoughts != n_vts + 1:
@@ -408,8 +418,18 @@ def _image_path_problem(rel: str, allow_outside: bool) -> str | None:
 
 
 def _decode_image(source: Path | bytes) -> Image.Image:
-    """Fully decode an image (`load()` catches truncated files that `open` alone accepts); RGB."""
+    """Fully decode an image (`load()` catches truncated files that `open` alone accepts); RGB.
+
+    The size in the header is checked first: zero-size and over-`MAX_IMAGE_PIXELS` images fail
+    before any pixel memory is allocated."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise ValueError(f"zero-size image ({width}x{height})")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image of {width}x{height} = {width * height:,} pixels is over the limit of {MAX_IMAGE_PIXELS:,}"
+            )
         img.load()
         return img.convert("RGB")
 
@@ -420,8 +440,16 @@ def _decode_image(source: Path | bytes) -> Image.Image:
 
 def _scan_native(jsonl: Path, max_vts: int, allow_outside: bool) -> Iterator[_Row]:
     with jsonl.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad row, not a crash
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the over-long line without holding it
+                where = f"line {lineno}"
+                reason = f"line longer than {MAX_LINE_BYTES:,} bytes"
+                yield _Row(where, where, str(jsonl), None, None, [RowError(where, "json", reason, str(jsonl))])
+            elif raw.strip():
                 yield _parse_native(raw, f"line {lineno}", jsonl.parent, str(jsonl), max_vts, allow_outside)
 
 
@@ -451,7 +479,8 @@ def _parse_native(raw: bytes, where: str, base: Path, file: str, max_vts: int, a
     if isinstance(rid, str) and not rid.strip():
         errors.append(RowError(label, "id", "empty", file))
     for name in sorted(obj.keys() - FIELDS.keys()):
-        errors.append(RowError(label, name, "unknown field (put extra data under metadata)", file))
+        shown = name if name.isprintable() and name.strip() else repr(name)  # "" or "\x00" must still show
+        errors.append(RowError(label, shown, "unknown field (put extra data under metadata)", file))
 
     def typed(name: str, spec: str, default: Any) -> Any:
         value = obj.get(name, default)
@@ -468,6 +497,8 @@ def _parse_native(raw: bytes, where: str, base: Path, file: str, max_vts: int, a
             problem = _image_path_problem(rel, allow_outside)
             if problem is None and not (base / rel).is_file():
                 problem = f"image file not found: {rel}"
+            if problem is None and not allow_outside and not (base / rel).resolve().is_relative_to(base.resolve()):
+                problem = f"path {rel!r} leaves the dataset folder through a symbolic link"
             if problem is None:
                 try:
                     images[key].append(_decode_image(base / rel))
@@ -583,8 +614,16 @@ def _scan_parquet(file: Path, max_vts: int, allow_outside: bool) -> Iterator[_Ro
     }
     columns = [c for c in names if c in _PARQUET_SCALARS] + [c for cols in groups.values() for c in cols]
     index = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-        for record in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns)
+    while True:
+        try:  # corrupt pages surface only when read: a located error, not an arrow traceback
+            batch = next(batches, None)
+            records = [] if batch is None else batch.to_pylist()
+        except Exception as e:
+            raise DataError(f"cannot read rows {index}.. ({type(e).__name__}: {e})", file=file) from e
+        if batch is None:
+            break
+        for record in records:
             yield _parse_parquet_row(record, index, file, groups, "pid" in names, max_vts, allow_outside)
             index += 1
 
@@ -683,6 +722,8 @@ def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.
         problem = _image_path_problem(path, allow_outside)
         if problem:
             raise ValueError(problem)
+        if not allow_outside and not (base / path).resolve().is_relative_to(base.resolve()):
+            raise ValueError(f"path {path!r} leaves the dataset folder through a symbolic link")
         return _decode_image(base / path)
     raise ValueError("image cell holds neither bytes nor a path")
 
@@ -692,10 +733,15 @@ def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.
 
 
 def _scan_vsp(path: Path, max_vts: int) -> Iterator[_Row]:
-    from visual_opsd.vsp import load_vsp_folder
+    from visual_opsd.vsp import iter_vsp_items
 
-    for i, sample in enumerate(load_vsp_folder(path)):
+    for i, item in enumerate(iter_vsp_items(path)):
+        label, file = f"vsp-L{item.level}-{item.index}", str(item.file)
+        if item.sample is None:  # a bad map, table or image: one located, skippable row
+            yield _Row(label, f"item {i}", file, None, None, [RowError(label, item.field, str(item.error), file)])
+            continue
+        sample = item.sample
         errors = _check_content(
-            sample.id, str(path), sample.question, sample.answer, len(sample.vt_images), len(sample.thoughts), max_vts
+            sample.id, file, sample.question, sample.answer, len(sample.vt_images), len(sample.thoughts), max_vts
         )
-        yield _Row(sample.id, f"item {i}", str(path), sample.id, None if errors else sample, errors)
+        yield _Row(sample.id, f"item {i}", file, sample.id, None if errors else sample, errors)

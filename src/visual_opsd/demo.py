@@ -160,25 +160,18 @@ def _make_test_data(out: Path, test: dict, patch_size: int) -> None:
 
 
 def _evaluate_systems(out: Path, options: dict, progress: bool) -> None:
-    from visual_opsd.backends.mini import MiniBackend
+    """Every system of SYSTEMS on the held-out test mazes, with the shared `evaluate_systems` (the code
+    behind `visual-opsd eval`): eval/results.json, results.md, pareto.png, records/<system>_maze.jsonl."""
     from visual_opsd.data import load_dataset
-    from visual_opsd.evaluate import evaluate, write_records
+    from visual_opsd.evaluate import Benchmark, System, evaluate_systems, write_results
     from visual_opsd.tasks import get_task
 
-    task = get_task("maze")
-    test = list(load_dataset(out / "data" / "test"))
-    results = {}
-    for name, stage, mode in SYSTEMS:
-        model_dir = _selected_model(out, stage)
-        backend = MiniBackend.load(model_dir)
-        result = evaluate(backend, test, task, mode, warmup=options["warmup"], max_new_tokens=options["max_new_tokens"],
-                          desc=f"eval {name}", progress=progress)
-        write_records(result, out / "eval" / f"{name}.jsonl")
-        results[name] = {"model": str(model_dir), "mode": mode, **result.summary()}
-        print(f"  {name:20s} acc {result.accuracy:5.1f}% [{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  "
-              f"{result.latency_s:.3f} s/sample  {result.tokens:.0f} tokens")
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
+    # the test mazes were rendered once, at the teacher's patch size, for every system
+    test = [Benchmark("maze", get_task("maze"), list(load_dataset(out / "data" / "test")))]
+    systems = [System(name, str(_selected_model(out, stage)), mode) for name, stage, mode in SYSTEMS]
+    results = evaluate_systems(systems, lambda backend: test, out / "eval", warmup=options["warmup"],
+                               max_new_tokens=options["max_new_tokens"], progress=progress)
+    write_results(results, out / "eval")
 
 
 def _diagnose(out: Path, cfg) -> None:
@@ -205,7 +198,8 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
     results = _load_json(out / "eval" / "results.json")
     systems = {
         name: {"accuracy": r["accuracy"], "latency_s": r["latency_s"], "tokens": r["tokens"],
-               "tasks": {"maze": {k: r[k] for k in ("accuracy", "ci95", "n", "latency_s", "tokens")}}}
+               # an eval stage cached by an older version stored the maze numbers flat
+               "tasks": r.get("tasks") or {"maze": {k: r[k] for k in ("accuracy", "ci95", "n", "latency_s", "tokens")}}}
         for name, r in results.items()
     }
     from visual_opsd.diagnostics.run import report_fields

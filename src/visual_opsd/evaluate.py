@@ -1,31 +1,51 @@
-"""Evaluation: accuracy with 95% Wilson intervals, latency per sample and tokens per answer.
+"""Evaluation: accuracy with 95% Wilson intervals, latency per sample and tokens per answer, and the
+`visual-opsd eval` command that runs it for several systems on several tasks.
+
+    visual-opsd eval --system teacher=runs/sft/final:interleaved --system opsd=runs/opsd/best:text --out runs/eval
+    visual-opsd eval --system opsd=runs/opsd/best --vsp path/to/vsp/task-main --out runs/eval_vsp
 
 Latency is measured the same way for every system: batch size 1, after `warmup` untimed samples,
 over the whole pipeline of one sample (context building = preprocessing and image encoding,
-decoding, and VT generation where the mode generates VTs). Tokens count the generated answer's ids.
+decoding, and VT generation where the mode generates VTs). Tokens count the generated answer's ids
+(with the end-of-sequence id).
 
 Modes (how a model is asked, see `sft.predict`):
 - `interleaved`: the unified model generates its own VTs (`vt_steps` denoising steps each);
 - `given_vt`: interleaved, with the ground-truth VT inserted at each `<image_start>` (oracle);
 - `text`: text-only decoding from the student context (image skip at most once);
 - `teacher_context`: text-only decoding after the privileged teacher context.
+
+A system is `NAME=MODEL_DIR[:MODE]` (mode `text` by default). Outputs under `out_dir`:
+`results.json` ({NAME: {"model", "mode", "accuracy", "latency_s", "tokens", "tasks": {TASK: {"accuracy",
+"ci95", "n", "latency_s", "tokens"}}, "vsp": {...}}}, the shape of report.json's "systems"),
+`records/<system>_<task>.jsonl` (one line per sample), `results.md` (the table) and `pareto.png`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
-from visual_opsd.backends.mini import MiniBackend
+from visual_opsd.backends.base import Backend
+from visual_opsd.backends.hf_config import HFOptions
+from visual_opsd.config import ConfigError, to_dict
 from visual_opsd.sample import Sample
-from visual_opsd.sft import predict
+from visual_opsd.sft import EvalMode, predict
 from visual_opsd.stats import wilson_interval
 from visual_opsd.tasks.base import Task
+
+MODES: tuple[str, ...] = typing.get_args(EvalMode)
+DEFAULT_MODE = "text"
+VSP = "vsp"  # the benchmark's name in results (a task column of its own)
+RULE_NAMES = ("strict", "vsp")
 
 
 @dataclass
@@ -45,8 +65,24 @@ class EvalResult:
         return out
 
 
+def summarize(records: list[dict], correct: Callable[[dict], bool] = lambda r: r["correct"]) -> dict[str, Any]:
+    """accuracy (percent), ci95 (Wilson, percent), n, mean latency_s and tokens of `records`."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("summarize: no records")
+    k = sum(bool(correct(r)) for r in records)
+    lo, hi = wilson_interval(k, n)
+    return {
+        "accuracy": 100.0 * k / n,
+        "ci95": (100.0 * lo, 100.0 * hi),
+        "n": n,
+        "latency_s": sum(r["latency_s"] for r in records) / n,
+        "tokens": sum(r["tokens"] for r in records) / n,
+    }
+
+
 def evaluate(
-    backend: MiniBackend,
+    backend: Backend,
     samples: list[Sample],
     task: Task,
     mode: str,
@@ -57,33 +93,26 @@ def evaluate(
     seed: int = 0,
     desc: str | None = None,
     progress: bool = True,
+    score: Callable[[Sample, str], dict] | None = None,
 ) -> EvalResult:
-    """Greedy predictions one sample at a time, timed; scored with the task's scorer."""
+    """Greedy predictions one sample at a time, timed; scored with the task's scorer, or with `score`
+    (sample, prediction) -> record fields including "correct" (e.g. both VSP rules)."""
     if not samples:
         raise ValueError("evaluate: no samples")
-    for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection
-        predict(backend, [s], mode, max_new_tokens, vt_steps, seed=seed)
+    with torch.no_grad():
+        for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection
+            predict(backend, [s], mode, max_new_tokens, vt_steps, seed=seed)
     records = []
     for s in tqdm(samples, desc=desc or f"eval {mode}", disable=not progress, dynamic_ncols=True, leave=False):
         t0 = time.perf_counter()
         with torch.no_grad():
             (text,) = predict(backend, [s], mode, max_new_tokens, vt_steps, seed=seed)
         latency = time.perf_counter() - t0
-        tokens = len(backend.tokenizer.encode(text)) + 1  # + the end-of-sequence id
-        records.append({
-            "id": s.id, "mode": mode, "prediction": text, "parsed": task.extract_answer(text),
-            "answer": s.answer, "correct": bool(task.is_correct(s, text)), "latency_s": latency, "tokens": tokens,
-        })
-    k, n = sum(r["correct"] for r in records), len(records)
-    lo, hi = wilson_interval(k, n)
-    return EvalResult(
-        accuracy=100.0 * k / n,
-        ci95=(100.0 * lo, 100.0 * hi),
-        n=n,
-        latency_s=sum(r["latency_s"] for r in records) / n,
-        tokens=sum(r["tokens"] for r in records) / n,
-        records=records,
-    )
+        record = {"id": s.id, "mode": mode, "prediction": text, "parsed": task.extract_answer(text),
+                  "answer": s.answer, "latency_s": latency, "tokens": len(backend.encode_completion(text))}
+        record.update(score(s, text) if score else {"correct": bool(task.is_correct(s, text))})
+        records.append(record)
+    return EvalResult(**summarize(records), records=records)
 
 
 def write_records(result: EvalResult, path: str | Path) -> None:
@@ -93,3 +122,380 @@ def write_records(result: EvalResult, path: str | Path) -> None:
     with open(path, "w") as f:
         for r in result.records:
             f.write(json.dumps(r) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Systems x tasks
+
+
+@dataclass(frozen=True)
+class System:
+    """A model folder asked one way: `name` in tables, `model` a saved folder, `mode` one of MODES."""
+
+    name: str
+    model: str
+    mode: str = DEFAULT_MODE
+
+
+def parse_system(spec: str) -> System:
+    """`NAME=MODEL_DIR[:MODE]` as a System; ValueError saying what is wrong with `spec`."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip() or not rest:
+        raise ValueError(f"system {spec!r} is not NAME=MODEL_DIR[:MODE] (e.g. opsd=runs/opsd/best:text)")
+    model, colon, mode = rest.rpartition(":")
+    if not colon or "/" in mode or "\\" in mode:  # no mode given (a ':' inside the path is the path's)
+        model, mode = rest, DEFAULT_MODE
+    if mode not in MODES:
+        import difflib
+
+        close = difflib.get_close_matches(mode, MODES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"system {spec!r}: unknown mode {mode!r}{hint} (modes: {', '.join(MODES)})")
+    if not model:
+        raise ValueError(f"system {spec!r}: no model folder before ':{mode}'")
+    name = name.strip()
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"system {spec!r}: name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    return System(name, model, mode)
+
+
+def model_dir(system: System) -> Path:
+    """The folder to load for `system`: its model folder, or the `model/` inside a Visual-OPSD checkpoint
+    (`best/`, `last/`); ConfigError naming the system when there is no loadable model."""
+    from visual_opsd.backends import backend_kind
+
+    path = Path(system.model)
+    if not path.is_dir():
+        raise ConfigError(f"system {system.name!r}: no model folder at {path}")
+    if not (path / "config.json").is_file() and (path / "model").is_dir():
+        path = path / "model"
+    try:
+        backend_kind(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"system {system.name!r}: {e}") from None
+    return path
+
+
+@dataclass
+class Benchmark:
+    """Samples of one task to evaluate on; `score` replaces the task's scorer (VSP: both rules)."""
+
+    name: str
+    task: Task
+    samples: list[Sample]
+    score: Callable[[Sample, str], dict] | None = None
+
+
+def vsp_scorer(rule: str) -> Callable[[Sample, str], dict]:
+    """Record fields of a VSP map's prediction: both rules' verdicts, "correct" by `rule`, level, index."""
+    from visual_opsd.vsp import RULES
+
+    def score(sample: Sample, text: str) -> dict:
+        grid = sample.metadata["grid"]
+        verdicts = {name: RULES[name](grid, text).to_dict() for name in RULE_NAMES}
+        return {"correct": verdicts[rule]["correct"], "rule": rule, "level": sample.metadata.get("level"),
+                "index": sample.metadata.get("index"), "verdicts": verdicts}
+
+    return score
+
+
+def vsp_summary(records: list[dict], rule: str) -> dict[str, Any]:
+    """Per level and overall: n, latency, tokens and both rules' accuracy [95% CI]; `rule` is the headline."""
+
+    def block(rows: list[dict]) -> dict[str, Any]:
+        out = summarize(rows)
+        del out["accuracy"], out["ci95"]  # per rule below
+        for name in RULE_NAMES:
+            s = summarize(rows, lambda r, name=name: r["verdicts"][name]["correct"])
+            out[name] = {"accuracy": s["accuracy"], "ci95": s["ci95"]}
+        return out
+
+    levels = sorted({r["level"] for r in records})
+    return {"rule": rule, **block(records),
+            "levels": {str(lv): block([r for r in records if r["level"] == lv]) for lv in levels}}
+
+
+def evaluate_systems(
+    systems: list[System],
+    benchmarks: Callable[[Backend], list[Benchmark]],
+    out: str | Path,
+    *,
+    vt_steps: int = 50,
+    max_new_tokens: int = 160,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    load: Callable[[Path], Backend] | None = None,
+) -> dict[str, dict]:
+    """Every system on every benchmark (`benchmarks(backend)` gives them, e.g. mazes rendered at the
+    backend's cell size); writes `out/records/<system>_<benchmark>.jsonl` and returns results.json's
+    content. A system's accuracy is the mean over its tasks (the paper's "mean" column); its latency
+    and tokens are means over all its samples."""
+    from visual_opsd.backends import load_backend
+
+    load = load or load_backend
+    folders = {s.name: model_dir(s) for s in systems}  # every folder checked before the first (slow) run
+    out = Path(out)
+    results: dict[str, dict] = {}
+    backend, loaded = None, None
+    for system in systems:
+        if folders[system.name] != loaded:  # consecutive systems on one model share the loaded copy
+            backend = None  # let the previous model go before loading the next
+            backend, loaded = load(folders[system.name]), folders[system.name]
+        entry: dict[str, Any] = {"model": str(loaded), "mode": system.mode, "tasks": {}}
+        all_records: list[dict] = []
+        for bench in benchmarks(backend):
+            result = evaluate(backend, bench.samples, bench.task, system.mode, vt_steps=vt_steps,
+                              max_new_tokens=max_new_tokens, warmup=warmup, seed=seed, progress=progress,
+                              desc=f"eval {system.name} {bench.name}", score=bench.score)
+            write_records(result, out / "records" / f"{system.name}_{bench.name}.jsonl")
+            entry["tasks"][bench.name] = result.summary()
+            if bench.name == VSP:
+                entry[VSP] = vsp_summary(result.records, result.records[0]["rule"])
+            all_records += result.records
+            print(f"  {system.name:20s} {bench.name:8s} acc {result.accuracy:5.1f}% "
+                  f"[{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  n {result.n}  {result.latency_s:.3f} s/sample  "
+                  f"{result.tokens:.0f} tokens", flush=True)
+        pooled = summarize(all_records)
+        entry.update(accuracy=sum(t["accuracy"] for t in entry["tasks"].values()) / len(entry["tasks"]),
+                     latency_s=pooled["latency_s"], tokens=pooled["tokens"])
+        results[system.name] = entry
+    return results
+
+
+def speedup_reference(results: dict[str, dict]) -> str | None:
+    """The system speed-ups are measured against: `teacher_interleaved` if present, else the first
+    system asked in an interleaved mode (it generates VTs), else none."""
+    from visual_opsd.report import REFERENCE_SYSTEM
+
+    if REFERENCE_SYSTEM in results:
+        return REFERENCE_SYSTEM
+    return next((n for n, r in results.items() if r.get("mode") in ("interleaved", "given_vt")), None)
+
+
+def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str:
+    """results.md: the main table, the VSP table per level (both rules) when run, the systems, notes."""
+    from visual_opsd.report import main_table
+
+    ref = speedup_reference(results)
+    md = ["# visual-opsd evaluation", "", main_table({"systems": results}, reference=ref), ""]
+    md.append(f"Speed-up: latency of `{ref}` / latency of the system." if ref else
+              "Speed-up: no interleaved system to compare with.")
+    vsp_rows = [(name, r[VSP]) for name, r in results.items() if VSP in r]
+    if vsp_rows:
+        md += ["", "## VSP maze maps, per level", "",
+               "| system | level | n | strict acc % [95% CI] | vsp-rule acc % [95% CI] | latency s/sample | tokens |",
+               "|---|---|---|---|---|---|---|"]
+        for name, v in vsp_rows:
+            for level, b in [*v["levels"].items(), ("all", v)]:
+                cells = [f"{b[rule]['accuracy']:.1f} [{b[rule]['ci95'][0]:.1f}, {b[rule]['ci95'][1]:.1f}]"
+                         for rule in RULE_NAMES]
+                md.append(f"| {name} | {level} | {b['n']} | {cells[0]} | {cells[1]} | {b['latency_s']:.3f} | "
+                          f"{b['tokens']:.0f} |")
+        md += ["", "strict: the last valid \\boxed{} must end on the goal (ThinkMorph's numbers); vsp: the original "
+               "'Action plan:' rule with gym semantics. The vsp column of the main table uses the headline rule ("
+               f"{vsp_rows[0][1]['rule']})."]
+    md += ["", "## Systems", "", "| system | model | mode |", "|---|---|---|"]
+    md += [f"| {name} | {r['model']} | {r['mode']} |" for name, r in results.items()]
+    md += ["", "![accuracy vs latency](pareto.png)", ""] + [f"- {n}" for n in notes]
+    return "\n".join(md) + "\n"
+
+
+def write_results(results: dict[str, dict], out: str | Path, notes: Iterable[str] = ()) -> Path:
+    """results.json, results.md and pareto.png under `out`; returns results.md's path."""
+    from visual_opsd.report import pareto_plot
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    pareto_plot({"systems": results}, out / "pareto.png")
+    (out / "results.md").write_text(results_markdown(results, notes))
+    return out / "results.md"
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class EvalDataConfig:
+    path: str | None = field(default=None, metadata={"help": "dataset folder / file to evaluate on; --data"})
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "tasks to generate (or to keep from path); --task. null: maze, "
+                                        "or none when vsp is set"})
+    n: int | None = field(
+        default=None, metadata={"help": "samples per task; --n. null: 100 generated, or all of path"})
+    split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to generate (held out)"})
+    seed: int = field(default=2, metadata={"help": "seed of the generated samples (2: the demo's test set); --seed"})
+    sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi; --sizes"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra task generator options"})
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"data.n must be >= 1 or null, got {self.n}")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("data.tasks must name at least one task, or be null")
+        if not 2 <= self.sizes[0] <= self.sizes[1]:
+            raise ValueError(f"data.sizes must satisfy 2 <= lo <= hi, got {list(self.sizes)}")
+
+
+@dataclass
+class EvaluateConfig:
+    systems: list[str] = field(
+        default_factory=list, metadata={"help": "systems NAME=MODEL_DIR[:MODE] (modes: " + ", ".join(MODES)
+                                                + f"; default {DEFAULT_MODE}); --system"})
+    out_dir: str = field(default="runs/eval", metadata={"help": "output folder; --out"})
+    vsp: str | None = field(
+        default=None, metadata={"help": "VSP folder (level{L}/{img,table}/{i}.*) evaluated per level; --vsp"})
+    rule: Literal["strict", "vsp"] = field(
+        default="strict", metadata={"help": "VSP headline rule (both are reported); --rule"})
+    vsp_per_level: int | None = field(
+        default=None, metadata={"help": "VSP maps per level, the first by index (quick checks); null = all"})
+    warmup: int = field(default=2, metadata={"help": "untimed samples before timing each system x task; --warmup"})
+    max_new_tokens: int = field(default=160, metadata={"help": "token budget of an answer; --max-new-tokens"})
+    vt_steps: int = field(default=50, metadata={"help": "denoising steps per generated VT (paper: 50); --vt-steps"})
+    seed: int = field(default=0, metadata={"help": "seed of VT generation"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars; --no-progress"})
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    hf: HFOptions = field(default_factory=HFOptions, metadata={"help": "Hugging Face model options (dtype, device)"})
+
+    def __post_init__(self) -> None:
+        try:
+            parsed = [parse_system(s) for s in self.systems]
+        except ValueError as e:  # the message names the spec; no class-name prefix
+            raise ConfigError(str(e)) from None
+        names = [s.name for s in parsed]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"system names must be unique, repeated: {', '.join(dup)}")
+        if self.warmup < 0 or self.max_new_tokens < 1 or self.vt_steps < 1 or self.threads < 1:
+            raise ValueError("warmup >= 0; max_new_tokens, vt_steps, threads >= 1")
+        if self.vsp_per_level is not None and self.vsp_per_level < 1:
+            raise ValueError(f"vsp_per_level must be >= 1 or null, got {self.vsp_per_level}")
+
+
+def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]:
+    """The benchmarks of `cfg` for a backend: a dataset (path), generated tasks and VSP maps. Generated
+    mazes and VSP maps are rendered at the backend's cell size, built once per size; every size gives
+    the same maps, so all systems see the same problems."""
+    from visual_opsd.backends import maze_cell_px
+    from visual_opsd.data import DataError
+    from visual_opsd.tasks import get_task
+
+    d = cfg.data
+    tasks = d.tasks if d.tasks is not None else ([] if d.path or cfg.vsp else ["maze"])
+    try:
+        for name in tasks:
+            get_task(name)
+    except KeyError as e:
+        raise ConfigError(f"data.tasks: {e.args[0]}") from None
+    from_path = _load_path_benchmarks(d, tasks) if d.path else []
+    cache: dict[int, list[Benchmark]] = {}
+
+    def build(backend: Backend) -> list[Benchmark]:
+        cell = maze_cell_px(backend)
+        if cell not in cache:
+            benches = list(from_path)
+            if not d.path:
+                for name in tasks:
+                    options = dict(d.options)
+                    if name == "maze":
+                        options.setdefault("sizes", tuple(d.sizes))
+                        options.setdefault("cell_px", cell)  # one patch per maze cell
+                    try:
+                        samples = get_task(name).generate(d.n or 100, seed=d.seed, split=d.split, **options)
+                    except (TypeError, ValueError, RuntimeError) as e:
+                        raise ConfigError(f"cannot generate {name} data: {e}") from None
+                    benches.append(Benchmark(name, get_task(name), samples))
+            if cfg.vsp:
+                maps = _load_vsp(cfg.vsp, cell, cfg.vsp_per_level)
+                benches.append(Benchmark(VSP, get_task("maze"), maps, vsp_scorer(cfg.rule)))
+            if not benches:
+                raise DataError("nothing to evaluate on: pass --task, --data or --vsp")
+            cache[cell] = benches
+        return cache[cell]
+
+    return build
+
+
+def _load_path_benchmarks(d: EvalDataConfig, tasks: list[str]) -> list[Benchmark]:
+    from visual_opsd.data import DataError, load_dataset
+    from visual_opsd.tasks import get_task
+
+    if not Path(d.path).exists():
+        raise DataError("no such file or folder", file=d.path)
+    by_task: dict[str, list[Sample]] = {}
+    for s in load_dataset(d.path):
+        if not tasks or s.task in tasks:
+            by_task.setdefault(s.task, []).append(s)
+    if not by_task:
+        wanted = f" of task {', '.join(tasks)}" if tasks else ""
+        raise DataError(f"no samples{wanted} to evaluate on", file=d.path)
+    return [Benchmark(name, get_task(name), samples[: d.n]) for name, samples in by_task.items()]
+
+
+def _load_vsp(path: str, cell_px: int, per_level: int | None = None) -> list[Sample]:
+    """VSP maps of `path` (the first `per_level` of each level); the first unusable map is a DataError
+    naming its file (no silent skipping: a benchmark number over a partial map set would mislead)."""
+    from visual_opsd.data import DataError
+    from visual_opsd.vsp import iter_vsp_items
+
+    samples = []
+    try:
+        for item in iter_vsp_items(path, cell_px):
+            if item.error is not None:
+                raise DataError(str(item.error), file=item.file, row=f"level {item.level} map {item.index}",
+                                field=item.field)
+            if per_level is None or sum(s.metadata["level"] == item.level for s in samples) < per_level:
+                samples.append(item.sample)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"not a VSP folder: {e}", file=path) from None
+    if not samples:
+        raise DataError("no VSP maps (expected level{L}/table/{i}.txt with level{L}/img/{i}.png)", file=path)
+    return samples
+
+
+def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
+    """The command: every system on every benchmark of `cfg`; writes results.json, results.md,
+    pareto.png and records/ under `cfg.out_dir`, prints the table; returns the results."""
+    if not cfg.systems:
+        raise ConfigError("no systems: pass --system NAME=MODEL_DIR[:MODE] (or systems=[...])")
+    from visual_opsd.backends import load_backend
+
+    torch.set_num_threads(cfg.threads)
+    systems = [parse_system(s) for s in cfg.systems]
+    for s in systems:
+        model_dir(s)  # a typo in the last system fails now, not after the others ran
+    benchmarks = eval_benchmarks(cfg)
+    out = Path(cfg.out_dir)
+    t0 = time.perf_counter()
+    results = evaluate_systems(systems, benchmarks, out, vt_steps=cfg.vt_steps, max_new_tokens=cfg.max_new_tokens,
+                               warmup=cfg.warmup, seed=cfg.seed, progress=cfg.progress,
+                               load=lambda path: load_backend(path, cfg.hf))
+    notes = [f"Data: {_data_note(cfg)}.",
+             "Accuracy: greedy decoding, 95% Wilson intervals; a system's accuracy is the mean over its tasks.",
+             f"Latency: batch size 1 after {cfg.warmup} warm-up samples, the whole pipeline per sample, "
+             f"{cfg.threads} CPU thread(s) (torch); VTs with {cfg.vt_steps} denoising steps.",
+             f"Total evaluation time {time.perf_counter() - t0:.0f} s."]
+    path = write_results(results, out, notes)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    print()
+    print(path.read_text().split("## Systems")[0].strip())
+    print(f"\nresults: {path} (and results.json, pareto.png, records/)")
+    return results
+
+
+def _data_note(cfg: EvaluateConfig) -> str:
+    d, parts = cfg.data, []
+    if d.path:
+        parts.append(f"{d.path}" + (f" (first {d.n} per task)" if d.n else ""))
+    elif d.tasks or not cfg.vsp:
+        parts.append(f"{d.n or 100} generated {d.split} samples per task ({', '.join(d.tasks or ['maze'])}), "
+                     f"seed {d.seed}, maze sizes {d.sizes[0]}..{d.sizes[1]}")
+    if cfg.vsp:
+        first = f"the first {cfg.vsp_per_level} per level of the " if cfg.vsp_per_level else ""
+        parts.append(f"{first}VSP maps from {cfg.vsp} (headline rule {cfg.rule})")
+    return "; ".join(parts)

@@ -17,15 +17,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 REFERENCE_SYSTEM = "teacher_interleaved"
 
 
-def main_table(report: dict) -> str:
-    """Markdown: system x task accuracy [95% CI], mean, latency, speed-up vs the interleaved teacher, tokens."""
+def main_table(report: dict, reference: str | None = REFERENCE_SYSTEM) -> str:
+    """Markdown: system x task accuracy [95% CI], mean, latency, speed-up vs `reference` (the interleaved
+    teacher; no speed-ups when it is None or absent), tokens."""
     systems = report["systems"]
     tasks = sorted({t for s in systems.values() for t in s["tasks"]})
-    ref = systems.get(REFERENCE_SYSTEM, {}).get("latency_s")
+    ref = systems.get(reference, {}).get("latency_s") if reference else None
     head = ["system", *[f"{t} acc % [95% CI]" for t in tasks], "mean acc %", "latency s/sample", "speed-up", "tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in systems.items():
@@ -48,6 +50,12 @@ def pareto_plot(report: dict, path: Path) -> None:
                     fmt="o", capsize=3)
         ax.annotate(name, (s["latency_s"], s["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
+    latencies = [s["latency_s"] for s in report["systems"].values() if s["latency_s"] > 0]
+    if latencies:  # show at least one decade, so that a labelled power of ten is in view
+        lo, hi = min(latencies), max(latencies)
+        pad = max(10**0.25, (10 * lo / hi) ** 0.5)
+        ax.set_xlim(lo / pad, hi * pad)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on narrow ranges
     ax.set_xlabel("latency per sample (s, batch size 1, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs latency")

@@ -34,6 +34,8 @@ from typing import Any, Literal, Protocol
 import torch
 from tqdm import tqdm
 
+from visual_opsd.backends import load_backend, maze_cell_px
+from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.backends.mini import DEFAULT_FRAMING, DEFAULT_TRANSITION, MiniBackend
 from visual_opsd.checkpoint import atomic_dir
 from visual_opsd.sample import Sample
@@ -55,6 +57,12 @@ class TaskDataConfig:
     sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi (maze only)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra task generator options"})
     seed: int = field(default=0, metadata={"help": "seed of the generated data"})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "skip invalid dataset rows (counted, listed in a warning) instead of stopping"}
+    )
+    allow_outside: bool = field(
+        default=False, metadata={"help": "allow image paths leaving the dataset folder (.., absolute, links)"}
+    )
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_val < 0:
@@ -97,6 +105,9 @@ class ModelConfig:
     )
     framing_text: str = field(default=DEFAULT_FRAMING, metadata={"help": "teacher text before the VTs"})
     transition_text: str = field(default=DEFAULT_TRANSITION, metadata={"help": "teacher text after the VTs"})
+    hf: HFOptions = field(  # Hugging Face backend: init_from an HF folder, or hf.tiny for a tiny random model
+        default_factory=HFOptions, metadata={"help": "Hugging Face model options (LoRA, dtype, ...)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "patch_size", "max_grid"):
@@ -192,7 +203,7 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
     if path is not None:
         from visual_opsd.data import load_dataset
 
-        return list(load_dataset(path))
+        return list(load_dataset(path, skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside))
     options = dict(cfg.options)
     if task.name == "maze":
         options.setdefault("sizes", tuple(cfg.sizes))
@@ -203,7 +214,11 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
 
 def build_backend(cfg: SFTConfig) -> MiniBackend:
     if cfg.model.init_from is not None:
-        return MiniBackend.load(cfg.model.init_from)
+        return load_backend(cfg.model.init_from, cfg.model.hf)  # a mini checkpoint or a Hugging Face folder
+    if cfg.model.hf.tiny is not None:
+        from visual_opsd.backends.hf import HFBackend
+
+        return HFBackend.tiny(cfg.model.hf.tiny, cfg.model.hf, seed=cfg.seed)  # sizes: hf.tiny_hidden, tiny_layers
     m = cfg.model
     tokenizer = build_tokenizer_for_tasks(m.tokenizer_tasks, extra_texts=[m.framing_text, m.transition_text])
     return MiniBackend.new(
@@ -270,7 +285,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.data.task)
     backend = build_backend(cfg)
-    patch = backend.cfg.patch_size
+    patch = maze_cell_px(backend)
     train = load_samples(cfg.data, task, "train", patch)
     val = load_samples(cfg.data, task, "val", patch)
     if cfg.data.trace == "interleaved" and not any(s.vt_images for s in train):

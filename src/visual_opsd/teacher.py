@@ -10,12 +10,15 @@ Only the *trainable* parameters get a shadow copy; everything else is shared. So
 teacher costs one copy of the adapters, and `frozen` equals the base model whenever adapters are
 initialised to a zero update (as LoRA's are). During a teacher forward the shadow tensors are
 swapped into the module by pointer (no copy) and swapped back afterwards.
+
+With LoRA (peft) the `frozen` teacher needs no shadow at all: pass `base_weights` (the peft
+model's `disable_adapter`) and the teacher forward runs the base model with adapters disabled.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -27,7 +30,13 @@ TeacherMode = Literal["live", "ema", "frozen"]
 class Teacher:
     """The teacher side of one student module. Create it before any wrapping or sharding."""
 
-    def __init__(self, student: nn.Module, mode: TeacherMode = "ema", decay: float = 0.995):
+    def __init__(
+        self,
+        student: nn.Module,
+        mode: TeacherMode = "ema",
+        decay: float = 0.995,
+        base_weights: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ):
         if mode not in ("live", "ema", "frozen"):
             raise ValueError(f"teacher.mode must be live, ema or frozen, got {mode!r}")
         if not 0.0 <= decay <= 1.0:
@@ -37,7 +46,9 @@ class Teacher:
         self.student = student
         # name -> detached copy of a trainable parameter (empty for the live teacher)
         self.shadow: dict[str, torch.Tensor] = {}
-        if mode != "live":
+        # frozen + LoRA: a context in which the student is its base model (adapters off); no copy
+        self.base_weights = base_weights if mode == "frozen" else None
+        if mode != "live" and self.base_weights is None:
             self.shadow = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
             if not self.shadow:
                 raise ValueError("the student has no trainable parameters to shadow")
@@ -55,6 +66,10 @@ class Teacher:
     @contextlib.contextmanager
     def weights(self) -> Iterator[nn.Module]:
         """Within the block the student module carries the teacher's weights (and no gradient)."""
+        if self.base_weights is not None:
+            with torch.no_grad(), self.base_weights():
+                yield self.student
+            return
         if not self.shadow:
             with torch.no_grad():
                 yield self.student

@@ -17,14 +17,26 @@ Per optimizer step (method.md section 2):
 5. every `eval.every` steps: greedy text-only accuracy of the student on the validation split
    (never test); `best/` keeps the validation best, `last/` the latest state.
 
-Every random stream of step s is seeded from (seed, s), so a run resumed from the checkpoint of
-step s replays steps s+1.. exactly as an uninterrupted run would.
+Every random stream of step s is seeded from (seed, s, rank), so a run resumed from the checkpoint
+of step s replays steps s+1.. exactly as an uninterrupted run would.
+
+Scale-out: the same command runs under `accelerate launch` with N processes (`distributed.py`):
+each rank rolls out its shard of the step's prompts, the loss is normalised by the token count of
+the whole step over all ranks and the gradients are summed, so the update does not depend on N or
+on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N). docs/scale.md.
+
+Reliability (docs/failure-modes.md): checkpoints are atomic with a checksum manifest (a corrupt
+last/ falls back to last.prev/); a step with a non-finite loss or gradient is skipped and logged
+with its sample ids, and `optim.max_bad_steps` consecutive ones abort the run; `limits.*` budgets
+fail before anything large is allocated.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,16 +47,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from visual_opsd.backends import load_backend, maze_cell_px
 from visual_opsd.backends.base import Backend, Context
-from visual_opsd.backends.mini import MiniBackend
-from visual_opsd.checkpoint import atomic_dir
-from visual_opsd.config import to_dict
+from visual_opsd.backends.hf_config import HFOptions
+from visual_opsd.budget import LimitsConfig, check_budget
+from visual_opsd.checkpoint import CheckpointError, atomic_dir, remove_stale_temporaries, resolve_checkpoint
+from visual_opsd.config import ConfigError, to_dict
+from visual_opsd.distributed import Dist
+from visual_opsd.errors import TrainingAborted
+from visual_opsd.faults import armed, dump_gradients, maybe_kill
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import TaskDataConfig, accuracy, load_samples, lr_at, predict
+from visual_opsd.sft import TaskDataConfig, load_samples, lr_at, predict
 from visual_opsd.tasks import get_task
 from visual_opsd.teacher import Teacher
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,8 +122,13 @@ class TrainOptimConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    max_bad_steps: int = field(
+        default=3, metadata={"help": "abort after this many consecutive steps with a non-finite loss or gradient"}
+    )
 
     def __post_init__(self) -> None:
+        if self.max_bad_steps < 1:
+            raise ValueError(f"optim.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.steps < 1 or self.grad_accum < 1 or self.prompts_per_step < self.grad_accum:
             raise ValueError("optim.steps, optim.grad_accum >= 1 and optim.prompts_per_step >= optim.grad_accum")
         if self.prompts_per_step % self.grad_accum:
@@ -133,16 +157,23 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     save_every: int = field(default=25, metadata={"help": "write last/ every N steps (and at the end)"})
     resume: str | None = field(default=None, metadata={"help": "resume from this checkpoint folder (last/)"})
+    stop_at_step: int | None = field(
+        default=None, metadata={"help": "save and stop after this step (time-limited jobs); the schedule is unchanged"}
+    )
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    hf: HFOptions = field(default_factory=HFOptions)  # Hugging Face models only (init_from an HF folder)
 
     def __post_init__(self) -> None:
         if self.threads < 1 or self.save_every < 1:
             raise ValueError("threads and save_every must be >= 1")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ValueError(f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
 
 
 @contextmanager
@@ -155,9 +186,19 @@ def timed(times: dict[str, float], name: str):
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def step_seed(seed: int, step: int, stream: int) -> torch.Generator:
-    """The generator of one random stream of one step: a resumed run replays it exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + stream)
+def step_seed(seed: int, step: int, stream: int, rank: int = 0) -> torch.Generator:
+    """The generator of one random stream of one step on one rank: a resumed run replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + stream + rank * 1_000_000_007)
+
+
+def prompts_per_rank(optim: TrainOptimConfig, world: int) -> int:
+    """Prompts each process handles per step; the global batch must split evenly over ranks x micro-batches."""
+    if optim.prompts_per_step % (world * optim.grad_accum):
+        raise ConfigError(
+            f"optim.prompts_per_step={optim.prompts_per_step} must be a multiple of processes x optim.grad_accum "
+            f"= {world} x {optim.grad_accum} = {world * optim.grad_accum}"
+        )
+    return optim.prompts_per_step // world
 
 
 def batch_indices(n_samples: int, step: int, prompts_per_step: int, seed: int) -> list[int]:
@@ -204,7 +245,7 @@ def distill_loss(
         t_head = t.head_weight.detach().clone() if cfg.fused else None
     with timed(times, "update"):
         s = backend.score(student_ctx, rollout.ids, output=output)
-        mask = s.mask & rollout.loss_mask(s.mask.shape[1])
+        mask = s.mask & rollout.loss_mask(s.mask.shape[1]).to(s.mask.device)
         options = dict(beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k, clip=cfg.clip)
         if cfg.fused:
             return fused_linear_generalized_jsd(
@@ -217,39 +258,48 @@ def distill_loss(
 def run_train(cfg: TrainConfig) -> Path:
     """Run Visual-OPSD; returns the folder of the selected (validation-best) model."""
     torch.set_num_threads(cfg.threads)
+    dist = Dist.create()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume = Path(cfg.resume) if cfg.resume else None
-    backend = MiniBackend.load(resume / "model" if resume else cfg.init_from)
+    # a truncated or altered checkpoint is never loaded: the previous good one, or a clear stop
+    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    backend = load_backend(resume / "model" if resume else cfg.init_from, cfg.hf, resume=resume is not None)
+    dist.check_engine(backend)
     model = backend.model
     task = get_task(cfg.data.task)
-    patch = backend.cfg.patch_size
+    patch = maze_cell_px(backend)
     train = load_samples(cfg.data, task, "train", patch)
     val = load_samples(cfg.data, task, "val", patch)
-    teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-    )
-    state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": None}
+    per_rank = prompts_per_rank(cfg.optim, dist.world)
+    micro = per_rank // cfg.optim.grad_accum
+    check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
+    teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay,
+                      base_weights=getattr(backend, "adapters_disabled", None))  # LoRA: frozen = adapters off
+    params = [p for p in model.parameters() if p.requires_grad]
+    model_device = params[0].device if params else torch.device("cpu")
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": None, "bad_steps": 0}
     if resume:
-        state = load_train_state(resume, opt, teacher)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        state = {"bad_steps": 0, **load_train_state(resume, opt, teacher)}
+    log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None, enabled=dist.is_main)
+    if dist.is_main:
+        remove_stale_temporaries(out)  # half-written checkpoints of a killed run (never resumed from)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    metrics = open(out / "metrics.jsonl", "a" if resume else "w")
-    micro = cfg.optim.prompts_per_step // cfg.optim.grad_accum
     bar = tqdm(range(state["step"], cfg.optim.steps), initial=state["step"], total=cfg.optim.steps,
-               desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}", disable=not cfg.progress,
-               dynamic_ncols=True)
+               desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}",
+               disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
     if state["step"] == 0 and val:
-        state.update(_validate(backend, task, val, cfg, out, step=0, best=state["best"], metrics=metrics))
+        state.update(_validate(backend, task, val, cfg, out, dist, step=0, best=state["best"], log=log))
     for step in bar:
+        done = step + 1
         times: dict[str, float] = {}
         lr = lr_at(step, cfg.optim)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(len(train), step, cfg.optim.prompts_per_step, cfg.seed)
-        gen_sample, gen_vt = step_seed(cfg.seed, step, 0), step_seed(cfg.seed, step, 1)
+        step_idx = batch_indices(len(train), step, cfg.optim.prompts_per_step, cfg.seed)
+        idx = dist.shard(step_idx)  # this rank's contiguous share of the global batch
+        gen_sample, gen_vt = step_seed(cfg.seed, step, 0, dist.rank), step_seed(cfg.seed, step, 1, dist.rank)
 
         # 1-2: every rollout of the window first, so the token count is known before any backward
         model.eval()
@@ -264,72 +314,163 @@ def run_train(cfg: TrainConfig) -> Path:
                     source=cfg.rollout.source, generator=gen_sample,
                 )
             windows.append((samples, s_ctx, ro))
+            maybe_kill("rollout", done)
         lengths = max(max((len(i) for i in ro.ids), default=0) for _, _, ro in windows)
-        normalizer = global_token_count([ro.loss_mask(lengths) for _, _, ro in windows]).clamp(min=1)
+        masks = [ro.loss_mask(lengths).to(dist.device) for _, _, ro in windows]  # the process group's device
+        local_tokens = int(sum(int(m.sum()) for m in masks))
+        # completion tokens of the whole step: all micro-batches, all ranks (an all-reduce)
+        normalizer = global_token_count(masks).clamp(min=1).to(model_device)
 
-        # 3-4: teacher and student scoring, backward per micro-batch
+        # 3-4: teacher and student scoring, backward per micro-batch; gradients summed over ranks
         model.train()
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for samples, s_ctx, ro in windows:
             with timed(times, "teacher"):
                 t_ctx = teacher_contexts(backend, samples, train, cfg.teacher.vt_mode, gen_vt)
-            loss = distill_loss(backend, teacher, s_ctx, t_ctx, ro, cfg.loss, normalizer, times)
+            with dist.autocast():
+                loss = distill_loss(backend, teacher, s_ctx, t_ctx, ro, cfg.loss, normalizer, times)
+            if armed("nan:loss", done):  # fault injection
+                loss = loss * float("nan")
             with timed(times, "update"):
                 loss.backward()
             total += loss.item()
         with timed(times, "update"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            if not math.isfinite(total) or not torch.isfinite(grad_norm):
-                raise FloatingPointError(
-                    f"step {step + 1}: non-finite loss {total} or grad norm {float(grad_norm)} "
-                    f"(samples {[train[i].id for i in idx][:8]})"
-                )
-            opt.step()
-            teacher.update()
+            dist.sum_gradients(params)
+            if dist.is_main:
+                dump_gradients(done, list(model.named_parameters()))  # test hook; inert unless its env var is set
+            if armed("inf:grad", done):  # fault injection
+                next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+            total = dist.sum(total)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
+                maybe_kill("optimizer", done)
+                teacher.update()
+                state["bad_steps"] = 0
+            else:
+                opt.zero_grad(set_to_none=True)
+                state["bad_steps"] += 1
 
-        record: dict[str, Any] = {"step": step + 1, "lr": lr, "loss": total, "grad_norm": float(grad_norm),
+        record: dict[str, Any] = {"step": done, "lr": lr, "loss": total, "grad_norm": float(grad_norm),
                                   "tokens": int(normalizer)}
+        if dist.world > 1:
+            record["tokens/per_rank"] = dist.gather_int(local_tokens)
+        stats: dict[str, float] = {}
         for _, _, ro in windows:
             for k, v in ro.stats(task).items():
-                record[k] = record.get(k, 0.0) + v / len(windows)
+                stats[k] = stats.get(k, 0.0) + v / len(windows)
+        record.update(dist.mean_dict(stats))  # equal shards: the mean of rank means is the global mean
         record.update({f"time/{k}": v for k, v in times.items()})
-        done = step + 1
-        if val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
-            state.update(_validate(backend, task, val, cfg, out, step=done, best=state["best"], record=record))
+        if not finite:
+            # the weights are still those of the last good step: log, and save below as usual (a
+            # checkpoint after a skipped step is good); abort without saving after too many in a row
+            ids = [train[i].id for i in step_idx]
+            record.update(skipped="non-finite loss or gradient", samples=ids, bad_steps=state["bad_steps"])
+            message = (f"step {done}: non-finite loss {total} or grad norm {float(grad_norm)}; step skipped "
+                       f"(samples {ids[:16]}); {state['bad_steps']} consecutive of at most {cfg.optim.max_bad_steps}")
+            if dist.is_main:
+                logger.warning(message)
+            if state["bad_steps"] >= cfg.optim.max_bad_steps:
+                log.write(record)
+                log.close()
+                last = out / "last"
+                kept = f"the last good checkpoint is {last} (step {_checkpoint_step(last)})" if (
+                    last / "trainer_state.json").is_file() else "no checkpoint was written yet"
+                raise TrainingAborted(
+                    f"{message}. Aborting after {state['bad_steps']} consecutive non-finite steps "
+                    f"(optim.max_bad_steps={cfg.optim.max_bad_steps}); {kept}. Lower optim.lr or check those samples."
+                )
+        elif val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
+            state.update(_validate(backend, task, val, cfg, out, dist, step=done, best=state["best"], record=record))
         state["step"] = done
-        if done % cfg.save_every == 0 or done == cfg.optim.steps:
-            save_train_state(out / "last", backend, opt, teacher, state)
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
+        if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
+            if dist.is_main:
+                save_train_state(out / "last", backend, opt, teacher, state)
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        log.write(record)
         bar.set_postfix(loss=f"{total:.4f}", acc=f"{record.get('rollout/correct', 0):.2f}")
-    metrics.close()
+        if stopping:
+            break
+    log.close()
+    dist.close()
     selected = out / "best" / "model" if (out / "best").exists() else out / "last" / "model"
-    print(f"train: done; selected model (validation best, step {state['best_step']}): {selected}")
+    if dist.is_main:
+        print(f"train: done at step {state['step']}; selected model (validation best, step {state['best_step']}): "
+              f"{selected}")
     return selected
 
 
-def _validate(backend, task, val, cfg: TrainConfig, out: Path, step: int, best: float, record=None, metrics=None):
-    """Greedy text-only student accuracy on the validation split; writes best/ on improvement."""
-    preds = predict(backend, val, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-    acc = accuracy(task, val, preds)
+class MetricsLog:
+    """metrics.jsonl, written by rank 0 only. On resume, rows of steps after the checkpoint (logged
+    before a crash, about to be replayed) are dropped first, so every step appears once."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+        self.file = None
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= resume_step]
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a" if resume_step is not None else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):
+        return math.inf  # a line torn by a crash mid-write: dropped
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step: int, best: float, record=None,
+              log: MetricsLog | None = None):
+    """Greedy text-only student accuracy on the validation split, sharded over ranks; rank 0 writes
+    best/ on improvement."""
+    mine = val[dist.rank :: dist.world]
+    preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    correct = dist.sum(sum(task.is_correct(s, p) for s, p in zip(mine, preds, strict=True)))
+    acc = correct / max(1, len(val))
     if record is not None:
         record["val/accuracy"] = acc
-    elif metrics is not None:
-        metrics.write(json.dumps({"step": step, "val/accuracy": acc}) + "\n")
+    elif log is not None:
+        log.write({"step": step, "val/accuracy": acc})
     result: dict[str, Any] = {}
     if acc > best:
         result = {"best": acc, "best_step": step}
-        with atomic_dir(out / "best") as tmp:
-            backend.save(tmp / "model")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
+        if dist.is_main:
+            with atomic_dir(out / "best", manifest=True) as tmp:
+                backend.save(tmp / "model")
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
     return result
 
 
 def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, teacher: Teacher, state: dict) -> None:
-    """Everything a resume needs, written atomically: weights, optimizer, teacher, step, best."""
-    with atomic_dir(path) as tmp:
+    """Everything a resume needs, written atomically with a checksum manifest: weights, optimizer,
+    teacher, step, best. The checkpoint it replaces is kept as `<path>.prev` (the fallback)."""
+    with atomic_dir(path, manifest=True, keep_previous=True) as tmp:
         backend.save(tmp / "model")
+        maybe_kill("checkpoint", state["step"])  # fault injection: a half-written checkpoint
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         if teacher.shadow:
             save_file(teacher.state_dict(), str(tmp / "teacher.safetensors"))
@@ -337,10 +478,19 @@ def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, t
 
 
 def load_train_state(path: Path, opt: torch.optim.Optimizer, teacher: Teacher) -> dict[str, Any]:
+    """The optimizer and teacher state and the trainer state of checkpoint `path` (already verified
+    against its manifest); anything unreadable is a `CheckpointError` naming the file."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path}: not a training checkpoint (no trainer_state.json)")
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))  # no arbitrary unpickling
-    if teacher.shadow:
-        teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
-    return json.loads(state_file.read_text())
+        raise CheckpointError(f"{path}: not a training checkpoint (no trainer_state.json)")
+    file = path / "optimizer.pt"
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary unpickling
+        opt.load_state_dict(torch.load(file, weights_only=True))
+        if teacher.shadow:
+            file = path / "teacher.safetensors"
+            teacher.load_state_dict(load_file(str(file)))
+        file = state_file
+        return json.loads(state_file.read_text())
+    except Exception as e:  # a bad pickle, a safetensors header, a mismatched shape: one clear message
+        raise CheckpointError(f"{file}: cannot be loaded ({type(e).__name__}: {str(e)[:300]})") from e

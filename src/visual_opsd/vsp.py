@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,43 +292,99 @@ def _table_files(level_dir: Path) -> list[tuple[int, Path]]:
     return sorted(files)
 
 
-def load_vsp_folder(path: str | os.PathLike, cell_px: int = 64) -> list[Sample]:
-    """All maps under `path` (upstream layout) as maze samples, ordered by level then index.
+MAX_LEVEL = 32  # VSP has levels 3..8; a level-10**6 folder would render a terapixel maze
+MAX_TABLE_BYTES = 1 << 20
 
-    Each sample's problem image is VSP's own `img/{i}.png`; its VT is our render of the map with
-    the BFS shortest path drawn (VSP has no VTs; this is what a model trained on our VTs would
-    draw). Ids are `vsp-L{L}-{i}`; metadata adds `level` and `index` to the maze task's fields.
-    """
-    # Imported here because the maze task imports this module for its grid format and scorers.
-    from visual_opsd.tasks.maze import sample_from_grid
 
+@dataclass
+class VSPItem:
+    """One map of a VSP folder: its sample, or the error that made it unusable (`field`: table/img)."""
+
+    level: int
+    index: int | str
+    file: Path
+    sample: Sample | None = None
+    error: Exception | None = None
+    field: str = "table"
+
+
+def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64) -> Iterator[VSPItem]:
+    """Every map under `path` (upstream layout), ordered by level then index, one `VSPItem` each;
+    a bad map is an item with its error, so that callers can report or skip it and go on."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     levels = _level_dirs(root)
     if not levels:
         raise ValueError(f"{root}: no level{{L}} folders (expected the layout level{{L}}/table/{{i}}.txt)")
-    samples = []
     for level, level_dir in levels:
-        for index, table_path in _table_files(level_dir):
-            grid = read_table(table_path)
-            if len(grid) != level:
-                raise ValueError(f"{table_path}: a level {level} map must be {level}x{level}, got {len(grid)}")
-            image_path = level_dir / "img" / f"{index}.png"
-            if not image_path.is_file():
-                raise FileNotFoundError(f"{image_path}: missing image for {table_path}")
+        if not 2 <= level <= MAX_LEVEL:
+            problem = ValueError(f"{level_dir}: level {level} is outside 2..{MAX_LEVEL}")
+            yield VSPItem(level, "*", level_dir, error=problem)
+            continue
+        try:
+            tables = _table_files(level_dir)
+        except FileNotFoundError as e:
+            yield VSPItem(level, "*", level_dir / "table", error=e)
+            continue
+        for index, table_path in tables:
             try:
-                with Image.open(image_path) as im:
-                    image = im.convert("RGB")
-            except OSError as e:
-                raise ValueError(f"{image_path}: cannot read image: {e}") from None
-            try:
-                sample = sample_from_grid(grid, f"vsp-L{level}-{index}", cell_px=cell_px)
-            except ValueError as e:
-                raise ValueError(f"{table_path}: {e}") from None
-            sample.problem_images = [image]
-            sample.metadata.update(level=level, index=index)
-            samples.append(sample)
+                yield VSPItem(level, index, table_path, sample=_load_map(level, level_dir, index, table_path, cell_px))
+            except _ImageProblem as e:
+                yield VSPItem(level, index, e.path, error=e.error, field="img")
+            except (ValueError, OSError) as e:
+                yield VSPItem(level, index, table_path, error=e)
+
+
+class _ImageProblem(Exception):
+    def __init__(self, path: Path, error: Exception):
+        super().__init__(str(error))
+        self.path, self.error = path, error
+
+
+def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px: int) -> Sample:
+    # Imported here because the maze task imports this module for its grid format and scorers.
+    from visual_opsd.data import MAX_IMAGE_PIXELS
+    from visual_opsd.tasks.maze import sample_from_grid
+
+    if table_path.stat().st_size > MAX_TABLE_BYTES:
+        raise ValueError(f"{table_path}: table file over {MAX_TABLE_BYTES:,} bytes")
+    grid = read_table(table_path)
+    if len(grid) != level:
+        raise ValueError(f"{table_path}: a level {level} map must be {level}x{level}, got {len(grid)}")
+    image_path = level_dir / "img" / f"{index}.png"
+    if not image_path.is_file():
+        raise _ImageProblem(image_path, FileNotFoundError(f"{image_path}: missing image for {table_path}"))
+    try:
+        with Image.open(image_path) as im:
+            w, h = im.size
+            if not 0 < w * h <= MAX_IMAGE_PIXELS:
+                raise ValueError(f"{w}x{h} pixels (allowed: 1..{MAX_IMAGE_PIXELS:,})")
+            image = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _ImageProblem(image_path, ValueError(f"{image_path}: cannot read image: {e}")) from None
+    try:
+        sample = sample_from_grid(grid, f"vsp-L{level}-{index}", cell_px=cell_px)
+    except ValueError as e:
+        raise ValueError(f"{table_path}: {e}") from None
+    sample.problem_images = [image]
+    sample.metadata.update(level=level, index=index)
+    return sample
+
+
+def load_vsp_folder(path: str | os.PathLike, cell_px: int = 64) -> list[Sample]:
+    """All maps under `path` (upstream layout) as maze samples, ordered by level then index.
+
+    Each sample's problem image is VSP's own `img/{i}.png`; its VT is our render of the map with
+    the BFS shortest path drawn (VSP has no VTs; this is what a model trained on our VTs would
+    draw). Ids are `vsp-L{L}-{i}`; metadata adds `level` and `index` to the maze task's fields.
+    The first bad map raises its error (`data.load_dataset` can skip bad maps instead).
+    """
+    samples = []
+    for item in iter_vsp_items(path, cell_px):
+        if item.error is not None:
+            raise item.error
+        samples.append(item.sample)
     return samples
 
 

@@ -175,7 +175,10 @@ def attention_plot(metrics: dict[str, float], path: Path) -> None:
     ax.set_title("Text-to-image attention per layer (solid: generated VT, dashed: noise VT)")
     ax.set_xticks(layers)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:  # e.g. a model that never opened an image: say so rather than draw empty axes
+        ax.text(0.5, 0.5, "no VT was generated in these samples", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
