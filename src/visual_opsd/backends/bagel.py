@@ -31,6 +31,7 @@ reference's round limit does).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,6 +144,17 @@ class BagelLoadOptions:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     vit_transform: tuple[int, int, int] | None = field(
         default=None, metadata={"help": "ViT resize (max side, min side, stride); null = the folder's"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda:N"})
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK under a launcher) when one is visible, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 @dataclass
@@ -391,8 +403,10 @@ class BagelBackend(Backend):
         return cls(model.eval(), tokenizer, vae, options, source=folder)
 
     @classmethod
-    def from_options(cls, folder: str | Path, opts: BagelLoadOptions, device: str | torch.device = "cpu"):
-        b = cls.from_folder(folder, opts.understanding_only, getattr(torch, opts.dtype), device)
+    def from_options(cls, folder: str | Path, opts: BagelLoadOptions, device: str | torch.device | None = None):
+        """Load per a config's `backend:` section; `device` overrides `opts.device`."""
+        b = cls.from_folder(folder, opts.understanding_only, getattr(torch, opts.dtype),
+                            device if device is not None else resolve_device(opts.device))
         b.model.gradient_checkpointing = opts.gradient_checkpointing
         if opts.vit_transform is not None:
             b.options.vit_transform = tuple(opts.vit_transform)

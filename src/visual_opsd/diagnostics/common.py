@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from visual_opsd.backends import is_bagel_folder
 from visual_opsd.backends.base import Backend, Interleaved
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import Task, get_task
@@ -23,19 +24,24 @@ ALL = "all"  # the pseudo-task of metrics pooled over every task
 
 
 def model_folder(path: str | Path) -> Path:
-    """The folder holding `config.json` + weights: `path` itself, or its `model/` subfolder (the layout
-    of Visual-OPSD checkpoints `best/model`, `last/model`)."""
+    """The folder holding `config.json` (a BAGEL folder: `llm_config.json` + `vit_config.json`) and the
+    weights: `path` itself, or its `model/` subfolder (the layout of Visual-OPSD checkpoints
+    `best/model`, `last/model`)."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
+    for folder in (path, path / "model"):
+        if (folder / "config.json").is_file() or is_bagel_folder(folder):
+            return folder
     raise FileNotFoundError(f"{path}: no model here (expected config.json, or model/config.json)")
 
 
 def load_backend(path: str | Path) -> Backend:
-    """The backend saved at `path` (see `model_folder`), chosen by the `format` of its config.json."""
+    """The backend saved at `path` (see `model_folder`): a BAGEL folder (the whole model, fp32, see
+    `backends.load_backend`), else chosen by the `format` of its config.json."""
     folder = model_folder(path)
+    if is_bagel_folder(folder):
+        from visual_opsd.backends import load_backend as open_backend
+
+        return open_backend(folder)
     fmt = json.loads((folder / "config.json").read_text()).get("format")
     if fmt == "visual_opsd.mini":
         from visual_opsd.backends.mini import MiniBackend
