@@ -3,7 +3,8 @@
 Deterministic mode (rollout.source=data): completions are the samples' own traces, of uneven
 lengths across ranks, so the only difference between the runs is how the global batch is split
 (2 ranks x 2 micro-batches of 1 prompt vs 1 process x 1 micro-batch of 4). Also: a 2-process
-checkpoint resumed in 1 process, and every shipped accelerate config parses.
+checkpoint resumed in 1 process, a non-finite loss on one rank skipped on both, and every shipped
+accelerate config resolved by accelerate's own launcher code to the engine it claims.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from visual_opsd.backends.mini import MiniBackend
 from visual_opsd.config import load_config
-from visual_opsd.faults import DUMP_ENV
+from visual_opsd.faults import DUMP_ENV, ENV
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
 from visual_opsd.train import TrainConfig, run_train
 
@@ -116,6 +117,14 @@ def test_two_processes_match_one_process(tiny_model, single, tmp_path):
         assert a["tokens"] == b["tokens"] == sum(b["tokens/per_rank"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
+        # rollout statistics: each rank's means, averaged over ranks = the global means
+        stats = sorted(k for k in a if k.startswith("rollout/"))
+        assert stats and stats == sorted(k for k in b if k.startswith("rollout/"))
+        assert [b[k] for k in stats] == pytest.approx([a[k] for k in stats], abs=1e-12)
+    # validation is sharded over ranks and its correct answers summed
+    val = [[(r["step"], r["val/accuracy"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+            if "val/accuracy" in r] for d in (single, out)]
+    assert val[0] == val[1] and [s for s, _ in val[0]] == [0, STEPS]
     # rank 0 alone wrote: one metrics file, one checkpoint, no temporaries
     written = sorted(p.name for p in out.iterdir())
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
@@ -128,6 +137,23 @@ def test_two_process_checkpoint_resumes_in_one_process(tiny_model, single, tmp_p
     run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last")))
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
+
+
+def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_model, tmp_path, monkeypatch):
+    """A NaN loss on rank 1 alone at step 2: the loss sum and the gradient norm are reduced before the
+    check, so both ranks skip the step (no rank hangs or diverges), and the run ends with the weights of
+    one process that skipped step 2."""
+    ref = tmp_path / "single"
+    monkeypatch.setenv(ENV, "nan:loss@2")
+    run_train(load_config(TrainConfig, None, overrides(tiny_model, ref)))
+    monkeypatch.delenv(ENV)
+    out = tmp_path / "ddp"
+    launch(2, overrides(tiny_model, out, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
+    rows, ref_rows = step_rows(out), step_rows(ref)
+    assert [r["step"] for r in rows if "skipped" in r] == [2] == [r["step"] for r in ref_rows if "skipped" in r]
+    assert rows[1]["samples"] == ref_rows[1]["samples"] and len(rows[1]["samples"]) == 4  # the global batch
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert max_diff(weights(ref / "last"), weights(out / "last")) < 1e-6
 
 
 def test_split_must_divide_the_global_batch(tiny_model, tmp_path):
@@ -149,6 +175,95 @@ def test_shipped_accelerate_configs_parse(path):
     raw = yaml.safe_load(path.read_text())
     assert cfg.distributed_type.value == raw["distributed_type"]
     assert "accelerate launch" in path.read_text().splitlines()[0] or "accelerate launch" in path.read_text()
+
+
+SHIPPED = {  # file: (accelerate distributed type, machines, processes)
+    "single_gpu.yaml": ("NO", 1, 1), "ddp.yaml": ("MULTI_GPU", 1, 8), "fsdp.yaml": ("FSDP", 1, 8),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 1, 8), "deepspeed_zero3.yaml": ("DEEPSPEED", 1, 8),
+    "multi_node.yaml": ("MULTI_GPU", 2, 16),
+}
+
+
+def launcher_env(path: Path):
+    """What `accelerate launch --config_file PATH ...` resolves before it spawns the workers: its
+    arguments and the workers' environment (accelerate's own launcher code; no GPU needed)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "visual_opsd.cli", "train"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+        _, env = prepare_deepspeed_cmd_env(args)
+    elif args.multi_gpu or args.use_fsdp:
+        env = prepare_multi_gpu_env(args)
+    else:
+        _, env = prepare_simple_launcher_cmd_env(args)
+    return args, env
+
+
+def test_the_six_configs_are_shipped():
+    assert sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml")) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_accelerate_configs_resolve_to_their_engine(name, monkeypatch):
+    """Each config goes through accelerate's launcher and, for FSDP and DeepSpeed, builds accelerate's
+    plugin from the workers' environment: the settings the docs promise are the ones a run gets."""
+    engine, machines, processes = SHIPPED[name]
+    args, env = launcher_env(ROOT / "configs" / "accelerate" / name)
+    assert (args.num_machines, args.num_processes) == (machines, processes)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert bool(args.multi_gpu) == (engine == "MULTI_GPU")
+    assert bool(args.use_fsdp) == (engine == "FSDP") and bool(args.use_deepspeed) == (engine == "DEEPSPEED")
+    for key, value in env.items():
+        if key.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(key, value)
+    if engine == "FSDP":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
+        assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and plugin.activation_checkpointing is True
+        assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # checkpoints resumable on any count
+        assert plugin.transformer_cls_names_to_wrap == ["Qwen2_5_VLDecoderLayer"]
+    elif engine == "DEEPSPEED":
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()
+        stage = 2 if "zero2" in name else 3
+        zero = plugin.deepspeed_config["zero_optimization"]
+        assert plugin.zero_stage == stage == zero["stage"]
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)  # full weights on save
+        assert plugin.gradient_accumulation_steps == 1  # accumulation stays with optim.grad_accum
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU"])
+def test_sharded_engine_refuses_a_backend_that_cannot_be_sharded(tiny_model, engine):
+    """FSDP / DeepSpeed with the mini backend stop at start pointing to ddp.yaml (no silent replication);
+    data-parallel engines run it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from visual_opsd.config import ConfigError
+    from visual_opsd.distributed import Dist
+
+    fake = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
+                           distributed_type=DistributedType[engine])
+    dist, backend = Dist(fake), MiniBackend.load(tiny_model)
+    assert dist.engine == engine
+    dist.check_engine(SimpleNamespace(supports_sharding=True))
+    if engine.startswith("MULTI"):
+        dist.check_engine(backend)
+    else:
+        with pytest.raises(ConfigError, match=f"uses {engine}, but the MiniBackend .* configs/accelerate/ddp.yaml"):
+            dist.check_engine(backend)
 
 
 def test_fsdp2_shards_on_cpu():

@@ -103,3 +103,53 @@ def test_image_paths_cannot_escape_the_dataset(tmp_path, kind):
     with pytest.raises(DataError, match=r"row a: problem_images\[0\]: .*(leaves the dataset folder|absolute path)"):
         load_dataset(folder)
     assert len(load_dataset(folder, allow_outside=True)) == 1  # the user can allow it explicitly
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_parquet_image_paths_cannot_escape_the_dataset(tmp_path, kind):
+    """The same rule for image cells of a ThinkMorph parquet file that hold a path instead of bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(secret)
+    folder = tmp_path / "ds"
+    (folder / "images").mkdir(parents=True)
+    rel = {"dotdot": "../secret.png", "absolute": str(secret), "symlink": "images/link.png"}[kind]
+    if kind == "symlink":
+        os.symlink(secret, folder / "images" / "link.png")
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"pid": ["p0"], "question": ["q?"], "answer": ["<answer>\\boxed{B}</answer>"],
+                      "problem_image_0": pa.array([{"bytes": None, "path": rel}], type=image)})
+    pq.write_table(table, folder / "train.parquet")
+    with pytest.raises(DataError, match=r"row p0: problem_image_0: .*(leaves the dataset folder|absolute path)"):
+        load_dataset(folder)
+    assert len(load_dataset(folder, allow_outside=True)) == 1
+
+
+@pytest.mark.parametrize("kind", ["image", "table", "level"])
+def test_vsp_files_linked_from_outside_are_refused(tmp_path, kind):
+    """A VSP folder has no path strings, but its tables, images or level folders can be symbolic links
+    to elsewhere: refused before reading unless allowed (the scorer's own reader keeps following them)."""
+    from visual_opsd.vsp import load_vsp_folder
+
+    outside = tmp_path / "outside" / "level3"
+    root = tmp_path / "vsp"
+    for base in (outside, root / "level3"):
+        (base / "table").mkdir(parents=True)
+        (base / "img").mkdir()
+        (base / "table" / "0.txt").write_text("| | Col 1 | Col 2 | Col 3 |\n| Row 1 | @ | _ | _ |\n"
+                                              "| Row 2 | _ | _ | _ |\n| Row 3 | _ | _ | * |\n")
+        Image.new("RGB", (24, 24)).save(base / "img" / "0.png")
+    if kind == "level":
+        for p in sorted((root / "level3").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (root / "level3").rmdir()
+        os.symlink(outside, root / "level3")
+    else:
+        target = root / "level3" / ("img/0.png" if kind == "image" else "table/0.txt")
+        target.unlink()
+        os.symlink(outside / target.relative_to(root / "level3"), target)
+    with pytest.raises(DataError, match=r"vsp-L3-0: (img|table): .*leaves the dataset folder through a symbolic link"):
+        load_dataset(root)
+    assert len(load_dataset(root, allow_outside=True)) == 1 == len(load_vsp_folder(root))

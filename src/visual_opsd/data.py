@@ -156,7 +156,8 @@ def load_dataset(
     Images are decoded and converted to RGB. A bad row raises `DataError` naming file, row and field;
     with `skip_invalid=True` bad rows are left out, logged as a warning, and reported on the result
     (`result.n_skipped`, `result.errors`, `result.skipped_summary()`). `allow_outside` permits image
-    paths that leave the dataset folder (absolute or with `..`).
+    paths that leave the dataset folder (absolute, with `..`, or through a symbolic link; for VSP
+    folders, tables and images linked from outside).
     """
     out = LoadedSamples(source=str(path))
     for sample, errors in _scan(Path(path), max_vts=max_vts, allow_outside=allow_outside):
@@ -327,7 +328,7 @@ def _scan(path: Path, *, max_vts: int, allow_outside: bool) -> Iterator[tuple[Sa
     elif fmt == "parquet":
         rows = (r for f in _parquet_files(path) for r in _scan_parquet(f, max_vts, allow_outside))
     else:
-        rows = _scan_vsp(path, max_vts)
+        rows = _scan_vsp(path, max_vts, allow_outside)
 
     first_seen: dict[str, tuple[str, str]] = {}  # id -> (position, file) where it first appeared
     tasks: dict[str, Any] = {}
@@ -732,10 +733,10 @@ def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.
 # VSP folders (parsing lives in visual_opsd.vsp; here only the shared checks apply)
 
 
-def _scan_vsp(path: Path, max_vts: int) -> Iterator[_Row]:
+def _scan_vsp(path: Path, max_vts: int, allow_outside: bool) -> Iterator[_Row]:
     from visual_opsd.vsp import iter_vsp_items
 
-    for i, item in enumerate(iter_vsp_items(path)):
+    for i, item in enumerate(iter_vsp_items(path, allow_outside=allow_outside)):
         label, file = f"vsp-L{item.level}-{item.index}", str(item.file)
         if item.sample is None:  # a bad map, table or image: one located, skippable row
             yield _Row(label, f"item {i}", file, None, None, [RowError(label, item.field, str(item.error), file)])

@@ -2,6 +2,7 @@
 
     VISUAL_OPSD_FAULT="kill:rollout@3"            SIGKILL this process in step 3's rollout
     VISUAL_OPSD_FAULT="kill:optimizer@2,nan:loss@4"  several faults, comma-separated
+    VISUAL_OPSD_FAULT="nan:loss@2/1"              only on the process of rank 1 (RANK, set by the launcher)
 
 Points the training loop offers: `kill:rollout`, `kill:optimizer` (after the weights changed, before
 the teacher update), `kill:checkpoint` (half way through writing last/), `nan:loss`, `inf:grad`.
@@ -23,9 +24,13 @@ DUMP_ENV = "VISUAL_OPSD_DUMP_GRADS"
 
 
 def armed(point: str, step: int) -> bool:
-    """True when `point@step` is among the injected faults (one dictionary lookup when unset)."""
+    """True when `point@step` (every process) or `point@step/R` (the process of rank R only) is among
+    the injected faults (one dictionary lookup when unset)."""
     spec = os.environ.get(ENV)
-    return bool(spec) and f"{point}@{step}" in {item.strip() for item in spec.split(",")}
+    if not spec:
+        return False
+    items = {item.strip() for item in spec.split(",")}
+    return f"{point}@{step}" in items or f"{point}@{step}/{os.environ.get('RANK', '0')}" in items
 
 
 def maybe_kill(point: str, step: int) -> None:

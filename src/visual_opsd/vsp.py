@@ -308,12 +308,16 @@ class VSPItem:
     field: str = "table"
 
 
-def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64) -> Iterator[VSPItem]:
+def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64, *, allow_outside: bool = True) -> Iterator[VSPItem]:
     """Every map under `path` (upstream layout), ordered by level then index, one `VSPItem` each;
-    a bad map is an item with its error, so that callers can report or skip it and go on."""
+    a bad map is an item with its error, so that callers can report or skip it and go on.
+
+    `allow_outside=False` (what `data.load_dataset` passes unless allowed) makes a table or image
+    that resolves outside `path` through a symbolic link a bad map, refused before it is read."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
+    inside = None if allow_outside else root.resolve()
     levels = _level_dirs(root)
     if not levels:
         raise ValueError(f"{root}: no level{{L}} folders (expected the layout level{{L}}/table/{{i}}.txt)")
@@ -329,7 +333,8 @@ def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64) -> Iterator[VSPIt
             continue
         for index, table_path in tables:
             try:
-                yield VSPItem(level, index, table_path, sample=_load_map(level, level_dir, index, table_path, cell_px))
+                sample = _load_map(level, level_dir, index, table_path, cell_px, inside)
+                yield VSPItem(level, index, table_path, sample=sample)
             except _ImageProblem as e:
                 yield VSPItem(level, index, e.path, error=e.error, field="img")
             except (ValueError, OSError) as e:
@@ -342,11 +347,18 @@ class _ImageProblem(Exception):
         self.path, self.error = path, error
 
 
-def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px: int) -> Sample:
+def _escapes(path: Path, inside: Path | None) -> bool:
+    """True when `inside` is set and `path` resolves (symbolic links followed) to a place outside it."""
+    return inside is not None and not path.resolve().is_relative_to(inside)
+
+
+def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px: int, inside: Path | None) -> Sample:
     # Imported here because the maze task imports this module for its grid format and scorers.
     from visual_opsd.data import MAX_IMAGE_PIXELS
     from visual_opsd.tasks.maze import sample_from_grid
 
+    if _escapes(table_path, inside):
+        raise ValueError(f"{table_path}: leaves the dataset folder through a symbolic link")
     if table_path.stat().st_size > MAX_TABLE_BYTES:
         raise ValueError(f"{table_path}: table file over {MAX_TABLE_BYTES:,} bytes")
     grid = read_table(table_path)
@@ -355,6 +367,8 @@ def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px
     image_path = level_dir / "img" / f"{index}.png"
     if not image_path.is_file():
         raise _ImageProblem(image_path, FileNotFoundError(f"{image_path}: missing image for {table_path}"))
+    if _escapes(image_path, inside):
+        raise _ImageProblem(image_path, ValueError(f"{image_path}: leaves the dataset folder through a symbolic link"))
     try:
         with Image.open(image_path) as im:
             w, h = im.size
