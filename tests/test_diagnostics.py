@@ -123,7 +123,11 @@ def test_trace_context_replays_the_generation_and_names_the_spans():
         assert spans["text_before_vt"].tolist() == [vt[0] - 2]  # "</think>", then the <image_start> marker
         markers = (b.image_start_id, b.image_end_id)
         after = [n_ctx + j for j, i in enumerate(completion) if i not in markers]
-        assert spans["text_after_vt"].tolist() == after and len(after) < len(completion)  # markers are not text
+        assert spans["text_after_vt"].tolist() == after
+        # markers are not text: a completion with an (over-budget) image round in it
+        with_markers = completion[:2] + [b.image_start_id, b.image_end_id] + completion[2:]
+        marked = trace_spans(b, context, with_markers)["text_after_vt"].tolist()
+        assert marked == [n_ctx + j for j in range(len(with_markers)) if j not in (2, 3)]
         assert spans["vt"].tolist() == list(range(*vt)) and spans["input_image"].tolist() == list(range(*image))
         for layer in scores.attentions[0]:  # (H, S, S): every query's distribution over keys sums to 1
             assert torch.allclose(layer.sum(-1), torch.ones(layer.shape[:2]), atol=1e-5)

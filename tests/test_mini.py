@@ -10,6 +10,7 @@ image it returns; SFT rows (labels on completion text only, the noised VT copy i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,10 +27,11 @@ from visual_opsd.backends.mini import (
     collate,
     fit_image,
     patchify,
+    text_tokens,
     to_pixels,
     unpatchify,
 )
-from visual_opsd.backends.mini_model import GEN, PAD, TEXT, UND, Tokens, attention_mask
+from visual_opsd.backends.mini_model import GEN, PAD, TEXT, UND, MiniUMM, Tokens, attention_mask
 from visual_opsd.sample import MARKERS, THINK_START, Sample
 from visual_opsd.tokenizer import Tokenizer, build_tokenizer, sample_texts
 
@@ -88,6 +90,36 @@ def test_tokenizer_round_trip_and_markers(backend, tmp_path):
     assert tok.unk_id in tok.encode("é")
     tok.save(tmp_path / "t.json")
     assert Tokenizer.load(tmp_path / "t.json").vocab == tok.vocab
+
+
+def test_location_tokens_are_one_token_and_old_vocabularies_spell_them_out(backend):
+    tok = backend.tokenizer
+    text = "The elf is at ( 2 , 3 ) and the gift at ( 0 , 0 ) ."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert [tok.vocab[i] for i in ids[4:5]] == [" ( 2 , 3 )"]
+    assert len(tok.cell_tokens()) == 200 and (tok.id_of("( 4 , 5 )"), 4, 5) in tok.cell_tokens()
+    old = Tokenizer([p for p in tok.vocab if "( " not in p or p.strip() == "("])  # a vocabulary from before them
+    assert old.cell_tokens() == [] and old.decode(old.encode(text)) == text
+    assert len(old.encode(text)) == len(ids) + 2 * 4  # each cell is 5 pieces there
+
+
+def test_location_tokens_sit_at_their_cell(backend, samples):
+    """A `( r , c )` token gets the 2-D position and row/column embedding of grid cell (r, c)."""
+    tok, model = backend.tokenizer, backend.model
+    ids = torch.tensor([[tok.id_of(" ( 2 , 3 )"), tok.id_of(" ."), tok.id_of("( 9 , 9 )")]])  # 9: off the 6-grid
+    x = text_tokens(ids, torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), model.cfg.patch_dim)
+    rowcol, has_cell = model.cells(x)
+    assert rowcol[0].tolist() == [[2, 3], [0, 0], [0, 0]] and has_cell[0].tolist() == [True, False, False]
+    plain = MiniBackend(MiniUMM(replace(model.cfg, cell_tokens=[])), tok)
+    plain.model.load_state_dict(model.state_dict(), strict=False)  # less the location-token head
+    h, _ = model(x)
+    h_plain, _ = plain.model(x)
+    assert not torch.allclose(h[0, 0], h_plain[0, 0])  # the location token moved
+    # ordinary text never does
+    y = text_tokens(ids[:, 1:2], torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                    model.cfg.patch_dim)
+    assert torch.equal(model(y)[0], plain.model(y)[0])
 
 
 # --- generic helpers -------------------------------------------------------------------------

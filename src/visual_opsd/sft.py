@@ -100,6 +100,9 @@ class ModelConfig:
     rope_2d_pairs: int | None = field(
         default=None, metadata={"help": "rotary pairs per head turned by patch row (and column); null: head_dim / 8"}
     )
+    location_tokens: bool = field(
+        default=True, metadata={"help": "place `( r , c )` tokens at their grid cell (2-D rotary + row/col embedding)"}
+    )
     tokenizer_tasks: list[str] = field(
         default_factory=lambda: ["maze", "jigsaw"], metadata={"help": "tasks whose words make the vocabulary"}
     )
@@ -232,6 +235,7 @@ def build_backend(cfg: SFTConfig) -> MiniBackend:
         max_grid=m.max_grid,
         gen_expert=m.gen_expert,
         rope_2d_pairs=m.rope_2d_pairs,
+        location_tokens=m.location_tokens,
         framing_text=m.framing_text,
         transition_text=m.transition_text,
     )

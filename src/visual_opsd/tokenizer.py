@@ -2,6 +2,10 @@
 
 Text is cut into pieces by one regular expression, and each piece is one token:
 - the trace markers (`<think>`, `</think>`, `<image_start>`, `<image_end>`, `<answer>`, `</answer>`),
+- a grid cell written `( r , c )` with single digits, with its leading space, if any: a *location
+  token* (as Kosmos-2's or PaLI's `<loc>` tokens); the mini model places it at that cell of the
+  image grid (2-D rotary position and row/column embeddings), so naming a cell and looking at it
+  are one step. A vocabulary without these pieces (an older tokenizer file) spells them out;
 - a word of letters with its leading space, if any (`" maze"`, `"boxed"`),
 - a single digit or punctuation character with its leading space, if any (`" 3"`, `","`, `"{"`),
 - any other single whitespace character (a newline, a second space).
@@ -29,10 +33,13 @@ from visual_opsd.sample import MARKERS, Sample
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
-_PIECE = re.compile(
-    "|".join(re.escape(m) for m in sorted(MARKERS, key=len, reverse=True)) + r"| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s"
-)
+_MARKERS_RE = "|".join(re.escape(m) for m in sorted(MARKERS, key=len, reverse=True))
+_BASIC = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]|\s"
+_CELL_RE = r" ?\( [0-9] , [0-9] \)"
+_PIECE = re.compile(_MARKERS_RE + "|" + _CELL_RE + "|" + _BASIC)
+_PIECE_NO_CELLS = re.compile(_MARKERS_RE + "|" + _BASIC)
 _WORD = re.compile(r" ?[A-Za-z]+")
+_CELL = re.compile(r" ?\( ([0-9]) , ([0-9]) \)")
 
 
 def split_pieces(text: str) -> list[str]:
@@ -42,7 +49,8 @@ def split_pieces(text: str) -> list[str]:
 
 def _base_pieces() -> list[str]:
     chars = [c for c in string.printable if c not in string.whitespace] + ["\n", "\t", " "]
-    return list(SPECIALS) + list(MARKERS) + chars + [" " + c for c in chars if not c.isspace()]
+    cells = [f"{lead}( {r} , {c} )" for lead in ("", " ") for r in range(10) for c in range(10)]
+    return list(SPECIALS) + list(MARKERS) + chars + [" " + c for c in chars if not c.isspace()] + cells
 
 
 class Tokenizer:
@@ -65,11 +73,21 @@ class Tokenizer:
         """The id of a single-token piece such as a marker; KeyError when it is not one token."""
         return self.index[piece]
 
+    def cell_tokens(self) -> list[tuple[int, int, int]]:
+        """(id, row, column) of every location token of the vocabulary."""
+        cells = ((i, _CELL.fullmatch(piece)) for i, piece in enumerate(self.vocab))
+        return [(i, int(m.group(1)), int(m.group(2))) for i, m in cells if m]
+
     def encode(self, text: str) -> list[int]:
+        return self.encode_pieces(split_pieces(text))
+
+    def encode_pieces(self, pieces: Iterable[str]) -> list[int]:
         ids: list[int] = []
-        for piece in split_pieces(text):
+        for piece in pieces:
             if piece in self.index:
                 ids.append(self.index[piece])
+            elif _CELL.fullmatch(piece):  # a vocabulary without location tokens: spell the cell out
+                ids.extend(self.encode_pieces(_PIECE_NO_CELLS.findall(piece)))
             elif _WORD.fullmatch(piece):  # unseen word: spell it out, " xyz" -> " x", "y", "z"
                 chars = list(piece.lstrip(" "))
                 if piece.startswith(" "):

@@ -312,8 +312,11 @@ class MiniBackend(Backend):
 
     @classmethod
     def new(cls, tokenizer: Tokenizer, seed: int = 0, **options) -> MiniBackend:
-        """A freshly initialised backend; `options` are MiniConfig fields and backend texts."""
+        """A freshly initialised backend; `options` are MiniConfig fields and backend texts, and
+        `location_tokens` (default True): place the tokenizer's `( r , c )` tokens at their cells."""
         texts = {k: options.pop(k) for k in ("framing_text", "transition_text", "max_vt_images") if k in options}
+        if options.pop("location_tokens", True):
+            options.setdefault("cell_tokens", [list(cell) for cell in tokenizer.cell_tokens()])
         torch.manual_seed(seed)  # weight init only; everything else takes explicit generators
         return cls(MiniUMM(MiniConfig(vocab_size=len(tokenizer), **options)), tokenizer, **texts)
 
@@ -428,7 +431,7 @@ class MiniBackend(Backend):
             hidden = torch.cat([last[:, None], h[:, :-1]], dim=1)  # (m, T, D)
             attentions = None
         if output == "hidden":
-            return Scores(mask=mask, hidden=hidden, head_weight=model.lm_head.weight, attentions=attentions)
+            return Scores(mask=mask, hidden=hidden, head_weight=model.head_weight(), attentions=attentions)
         return Scores(mask=mask, logits=model.logits(hidden), attentions=attentions)
 
     def _score_full(self, contexts, g, ids, lengths, model):
