@@ -51,3 +51,16 @@ def test_demo_stages_use_the_shipped_configs(tmp_path):
             assert resolved["teacher"] == shipped["teacher"]
         if stage != "diagnose":
             assert resolved["data"] == shipped["data"]
+
+
+def test_full_preset_resolves_and_unknown_presets_fail(tmp_path):
+    import pytest
+
+    from visual_opsd.demo import run_demo, stage_configs
+
+    full = stage_configs("full", tmp_path)
+    assert full["sft_teacher"].model.d_model == 192 and full["sft_teacher"].data.sizes == (3, 8)
+    assert full["sft_text"].data.trace == "text_only" and full["opsd_noise"].teacher.vt_mode == "noise"
+    assert full["diagnose"].data.sizes == (3, 8)
+    with pytest.raises(ValueError, match="unknown demo preset 'huge'"):
+        run_demo(tmp_path, preset="huge")

@@ -116,6 +116,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of the whole pipeline")
+    demo.add_argument(
+        "--preset",
+        choices=["default", "quick", "full"],
+        default="default",
+        help="default: <= 15 minutes on 2 cores; quick: same as --quick; full: larger model, mazes 3..8, "
+        "longer training (hours on 2 cores)",
+    )
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     demo.add_argument("--configs", metavar="DIR", help="folder of the *_demo.yaml configs (default: the checkout's)")
@@ -337,7 +344,7 @@ def _parse_task_options(items: list[str]) -> dict:
 def _demo(args) -> int:
     from visual_opsd.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs)
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs, preset=args.preset)
     return 0
 
 

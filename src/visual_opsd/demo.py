@@ -7,7 +7,8 @@
 Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
 after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
 The settings of each stage are the shipped configs (configs/*_demo.yaml) and the dataclass
-defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about 3 minutes).
+defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about 3 minutes) and
+`--preset full` grows it (larger model, sizes 3..8, longer training; hours on 2 cores).
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "eval": {"warmup": 1, "max_new_tokens": 48},
     },
 }
+# `--preset full`: the same pipeline at the larger CPU scale (configs/sft_cpu_large.yaml's model) on
+# VSP's sizes 3..8, for users with a couple of hours; the default demo's settings otherwise.
+_FULL_SFT = {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "model.d_model": 192,
+             "model.n_layers": 6, "model.n_heads": 6, "optim.steps": 3000, "optim.batch_size": 32,
+             "optim.lr": 2.0e-3, "optim.warmup_steps": 100, "eval.every": 1000, "eval.max_new_tokens": 320}
+PRESETS["full"] = {
+    "test": {"n": 240, "sizes": [3, 8], "seed": 2},
+    "sft_teacher": _FULL_SFT,
+    "sft_text": _FULL_SFT,
+    "opsd": {"data.sizes": [3, 8], "optim.steps": 240, "eval.every": 40, "rollout.max_new_tokens": 320,
+             "eval.max_new_tokens": 320},
+    "diagnose": {"data.sizes": [3, 8], "data.n": 96, "interventions.max_new_tokens": 320,
+                 "attention.max_new_tokens": 320, "kl.max_new_tokens": 320},
+    "eval": {"warmup": 2, "max_new_tokens": 320},
+}
 # (system name, model stage, evaluation mode)
 SYSTEMS = [
     ("teacher_interleaved", "sft_teacher", "interleaved"),
@@ -97,15 +113,22 @@ def stage_configs(preset: str, out: Path, config_dir: Path = DEFAULT_CONFIG_DIR)
 
 
 def run_demo(
-    out: str | Path = "demo_out", quick: bool = False, progress: bool = True, config_dir: str | Path | None = None
+    out: str | Path = "demo_out",
+    quick: bool = False,
+    progress: bool = True,
+    config_dir: str | Path | None = None,
+    preset: str = "default",
 ) -> Path:
-    """Run (or finish) the whole study under `out`; returns the report's path."""
+    """Run (or finish) the whole study under `out` with `preset` (default, quick, full; `quick=True`
+    is preset quick); returns the report's path."""
     from visual_opsd.sft import run_sft
     from visual_opsd.train import run_train
 
+    preset = "quick" if quick else preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    preset = "quick" if quick else "default"
     configs = stage_configs(preset, out, Path(config_dir) if config_dir else DEFAULT_CONFIG_DIR)
     for cfg in configs.values():
         cfg.progress = progress
