@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from visual_opsd.backends import backend_kind, hf_compat, load_backend, maze_cell_px  # noqa: E402
-from visual_opsd.backends.hf import HFBackend, merged_state_dict  # noqa: E402
+from visual_opsd.backends.hf import HFBackend, merged_state_dict, unwrap  # noqa: E402
 from visual_opsd.backends.hf_config import HFOptions  # noqa: E402
 from visual_opsd.backends.hf_tiny import FAMILIES, tiny_model  # noqa: E402
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd  # noqa: E402
@@ -55,6 +56,48 @@ def test_compat_is_inactive_with_torchvision(monkeypatch):
     assert twin is not cls and issubclass(twin, cls) and twin.__name__ == cls.__name__
     assert "video_processor" not in twin.get_attributes()
     assert hf_compat.processor_class(transformers.LlavaProcessor) is transformers.LlavaProcessor  # no videos
+
+
+def test_every_torchvision_branch_is_the_plain_transformers_path_with_torchvision(monkeypatch, tmp_path):
+    """With torchvision the compat module hands out transformers' own classes and calls: the
+    torchvision image processors, the video processor, `AutoProcessor.from_pretrained`."""
+
+    class Recorder:  # a processor class that records what it was built with
+        def __init__(self, **parts):
+            self.parts = parts
+
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer", "video_processor"]
+
+    video = object()
+    monkeypatch.setattr(hf_compat, "HAS_TORCHVISION", True)
+    assert hf_compat.image_processor_class("Qwen2VL") is transformers.Qwen2VLImageProcessor
+    assert hf_compat.image_processor_class("CLIP") is transformers.CLIPImageProcessor
+    built = hf_compat.build_processor(Recorder, "ip", "tok", "tpl", video_processor=lambda: video)
+    assert type(built) is Recorder and built.parts["video_processor"] is video
+    calls = []
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda path: calls.append(path) or "auto")
+    assert hf_compat.load_processor(tmp_path) == "auto" and calls == [tmp_path]
+    monkeypatch.setattr(hf_compat, "HAS_TORCHVISION", False)
+    assert hf_compat.image_processor_class("Qwen2VL") is transformers.Qwen2VLImageProcessorPil
+
+    def no_video():
+        raise AssertionError("the video processor must not be built without torchvision")
+
+    built = hf_compat.build_processor(Recorder, "ip", "tok", "tpl", video_processor=no_video)
+    assert type(built) is not Recorder and "video_processor" not in built.parts
+
+
+def test_no_module_but_the_compat_one_tests_for_torchvision():
+    import re
+    from pathlib import Path
+
+    import visual_opsd
+
+    probe = re.compile(r"import torchvision|from torchvision|HAS_TORCHVISION|_torchvision_available")
+    hits = [p.name for p in Path(visual_opsd.__file__).parent.rglob("*.py") if probe.search(p.read_text())]
+    assert hits == ["hf_compat.py"]
 
 
 @pytest.mark.skipif(hf_compat.HAS_TORCHVISION, reason="the workaround is only active without torchvision")
@@ -150,14 +193,21 @@ def test_hidden_output_reproduces_logits_and_the_fused_loss(backend, samples):
     assert torch.allclose(g_ref, g_fused, atol=1e-6)
 
 
-def test_sampling_never_emits_image_placeholders(samples):
-    backend = HFBackend.tiny("qwen2_vl", seed=1)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_never_emits_image_placeholders(samples, family):
+    backend = HFBackend.tiny(family, seed=1)
+    config = backend.model.config
+    placeholders = {backend.image_token_id, getattr(config, "video_token_id", None)} - {None}
+    assert placeholders <= set(backend.suppressed_ids)
     head = backend.model.get_output_embeddings().weight
-    with torch.no_grad():  # make the image placeholder overwhelmingly likely
-        head[backend.image_token_id] = backend.model.model.language_model.norm.weight * 50
+    with torch.no_grad():  # make the image placeholders overwhelmingly likely
+        for i in placeholders:
+            head[i] = backend.model.model.language_model.norm.weight * 50
     contexts = [backend.build_context(s) for s in samples[:2]]
-    out = backend.sample(contexts, n=2, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    assert all(backend.image_token_id not in c.ids for c in out)
+    for temperature in (1.0, 0.0):
+        out = backend.sample(contexts, n=2, max_new_tokens=8, temperature=temperature,
+                             generator=torch.Generator().manual_seed(0))
+        assert all(c.ids and not placeholders & set(c.ids) for c in out)
     with torch.no_grad():
         backend.score(contexts, [c.ids for c in out])  # re-scoring works ("image tokens do not match" never)
 
@@ -274,10 +324,13 @@ def test_teacher_scoring_runs_without_dropout(samples):
     assert torch.equal(a, b) and backend.model.training  # no-grad scoring is deterministic; mode restored
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(samples):
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(samples, lora):
     grads = []
     for checkpointing in (False, True):
-        backend = HFBackend.tiny("qwen3_vl", HFOptions(lora=True, lora_r=4, gradient_checkpointing=checkpointing))
+        backend = HFBackend.tiny("qwen3_vl", HFOptions(lora=lora, lora_r=4, gradient_checkpointing=checkpointing))
+        language_model = unwrap(backend.model).model.language_model
+        assert language_model.gradient_checkpointing is checkpointing  # really on (or off)
         backend.model.train()
         out = backend.sft_losses([backend.training_row(samples[0], "teacher_context")])
         out["ce_sum"].backward()
@@ -289,7 +342,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(samples):
 # saving: the standard HF layout, from_pretrained with identical logits
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_then_from_pretrained_gives_identical_logits(tmp_path, samples, family):
     backend = HFBackend.tiny(family)
     ctx = backend.build_context(samples[0], "teacher")
@@ -341,6 +394,31 @@ def test_lora_saves_merged_weights_and_the_adapter_and_resumes_exactly(tmp_path,
         assert torch.allclose(fresh.score([ctx], [comp]).logits[0], ref, atol=1e-5)
 
 
+def test_lora_adapter_alone_loads_with_from_pretrained(tmp_path, samples):
+    """hf.save_merged=false: the adapter alone (no full weights); transformers' own loader reads it
+    (base from adapter_config.json + adapter) with the logits of the trained model."""
+    HFBackend.tiny("qwen2_vl").save(tmp_path / "base")
+    backend = HFBackend.load(tmp_path / "base", HFOptions(lora=True, lora_r=4, save_merged=False))
+    with torch.no_grad():
+        for p in backend.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    ctx = backend.build_context(samples[0], "teacher")
+    comp = completions(backend, samples[:1])[0]
+    with torch.no_grad():
+        ref = backend.score([ctx], [comp]).logits[0]
+    backend.save(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors")) and not (tmp_path / "out" / "config.json").exists()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out" / "adapter")
+    with torch.no_grad():
+        logits = model(**processor_inputs(backend, ctx.ids + comp, ctx.pixels)).logits[0]
+    assert torch.allclose(logits[len(ctx.ids) - 1 : -1], ref, atol=1e-6)
+    assert backend_kind(tmp_path / "out") == "hf"
+    reloaded = load_backend(tmp_path / "out")  # no merged weights: base + adapter, merged on load
+    with torch.no_grad():
+        assert torch.allclose(reloaded.score([ctx], [comp]).logits[0], ref, atol=1e-5)
+
+
 def test_load_backend_dispatch_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_backend(tmp_path / "missing")
@@ -376,3 +454,83 @@ def test_sft_then_lora_visual_opsd_from_the_command_line(tmp_path):
     assert not (last / "teacher.safetensors").exists()  # frozen LoRA teacher: no shadow weights
     rows = [json.loads(line) for line in (tmp_path / "opsd" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and r["loss"] >= 0 for r in rows)
+
+
+def test_lora_ema_run_shadows_adapters_only_and_resumes_exactly(tmp_path):
+    """A LoRA Visual-OPSD run with an EMA teacher: the teacher state holds the adapter weights only,
+    and a run resumed from its step-1 checkpoint ends with the uninterrupted run's adapter and teacher."""
+    from safetensors.torch import load_file
+
+    from visual_opsd.cli import main
+
+    HFBackend.tiny("qwen2_5_vl").save(tmp_path / "base")
+    common = [f"init_from={tmp_path}/base", "threads=1", "progress=false", "data.n_train=8", "data.n_val=2",
+              "data.sizes=[3,3]", "hf.lora=true", "hf.lora_r=4", "teacher.mode=ema", "teacher.ema_decay=0.5",
+              "optim.steps=2", "optim.prompts_per_step=2", "optim.lr=0.01", "optim.warmup_steps=1", "rollout.n=2",
+              "rollout.max_new_tokens=10", "eval.every=100", "eval.max_new_tokens=10", "loss.fused=true",
+              "save_every=1"]
+    assert main(["train", f"out_dir={tmp_path}/a", *common]) == 0
+    assert main(["train", f"out_dir={tmp_path}/b", f"resume={tmp_path}/a/last.prev", *common]) == 0
+
+    def state(run: str) -> tuple[dict, dict]:
+        last = tmp_path / run / "last"
+        return (load_file(str(last / "model" / "adapter" / "adapter_model.safetensors")),
+                load_file(str(last / "teacher.safetensors")))
+
+    (adapter_a, teacher_a), (adapter_b, teacher_b) = state("a"), state("b")
+    assert teacher_a and all("lora_" in k for k in teacher_a)  # the EMA shadows the adapters, nothing else
+    assert len(teacher_a) == len(adapter_a)
+    assert json.loads((tmp_path / "a" / "last.prev" / "trainer_state.json").read_text())["step"] == 1
+    assert json.loads((tmp_path / "b" / "last" / "trainer_state.json").read_text())["step"] == 2
+    step1 = load_file(str(tmp_path / "a" / "last.prev" / "model" / "adapter" / "adapter_model.safetensors"))
+    assert not all(torch.equal(step1[k], adapter_a[k]) for k in step1)  # step 2 did change the adapter
+    for a, b in ((adapter_a, adapter_b), (teacher_a, teacher_b)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+REAL_MODEL_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*_hf_*.yaml")
+                            if "tiny" not in p.name)
+SMOKE = {  # sizes only: every hf.*, loss.*, teacher.* and data format setting stays as shipped
+    "sft": ["optim.steps=1", "optim.batch_size=2", "optim.warmup_steps=0", "eval.every=1", "eval.max_new_tokens=8",
+            "eval.batch_size=2", "data.n_val=2"],
+    "train": ["optim.steps=1", "optim.prompts_per_step=2", "optim.grad_accum=2", "optim.warmup_steps=0",
+              "rollout.n=2", "rollout.max_new_tokens=8", "eval.every=1", "eval.max_new_tokens=8", "data.n_val=2",
+              "save_every=1"],
+}
+
+
+def test_real_model_configs_are_shipped():
+    names = {p.name for p in REAL_MODEL_CONFIGS}
+    assert {"sft_hf_qwen25vl_7b_lora.yaml", "train_hf_qwen25vl_7b_lora.yaml", "train_hf_qwen25vl_3b_full.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", REAL_MODEL_CONFIGS, ids=lambda p: p.name)
+def test_real_model_config_loads_validates_and_runs_on_a_tiny_model(path, tmp_path, samples):
+    """Each example config for a real model: its header holds its launch command, it loads and
+    validates as shipped, and it runs one step unchanged but for the model folder (a tiny Qwen2.5-VL
+    saved in the HF layout), the data folder (native maze rows) and sizes."""
+    from visual_opsd.cli import main
+    from visual_opsd.config import load_config
+    from visual_opsd.data import write_dataset
+    from visual_opsd.sft import SFTConfig
+    from visual_opsd.train import TrainConfig
+
+    command = path.stem.split("_")[0]
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"visual-opsd {command} --config configs/{path.name}" in line for line in header), path.name
+    cfg = load_config({"sft": SFTConfig, "train": TrainConfig}[command], path)
+    hf = cfg.model.hf if command == "sft" else cfg.hf
+    assert hf.tiny is None and hf.dtype == "bfloat16" and hf.max_length and hf.gradient_checkpointing
+    assert (cfg.model.init_from if command == "sft" else cfg.init_from) and cfg.data.path
+    if command == "train":
+        assert cfg.loss.fused and cfg.optim.prompts_per_step % cfg.optim.grad_accum == 0
+
+    HFBackend.tiny("qwen2_5_vl").save(tmp_path / "model")
+    write_dataset(samples[:4], tmp_path / "data")
+    init = "model.init_from" if command == "sft" else "init_from"
+    overrides = [f"{init}={tmp_path}/model", f"data.path={tmp_path}/data", f"out_dir={tmp_path}/out", "threads=1",
+                 "progress=false", *SMOKE[command]]
+    assert main([command, "--config", str(path), *overrides]) == 0
+    out = tmp_path / "out" / ("final" if command == "sft" else "last/model")
+    lora = (cfg.model.hf if command == "sft" else cfg.hf).lora
+    assert (out / "config.json").is_file() and (out / "adapter").is_dir() == lora

@@ -7,8 +7,11 @@ processors (`Qwen2VLImageProcessorPil`, ...) work. So, only when torchvision is 
   (so `save_pretrained` writes the standard `processor_class` and nothing about videos);
 - `load_processor(path)` assembles the processor from its parts (PIL image processor, tokenizer,
   chat template, processor options) where `AutoProcessor.from_pretrained` would silently return the
-  bare tokenizer.
-With torchvision present, both are the plain transformers calls.
+  bare tokenizer;
+- `image_processor_class(prefix)` is the PIL image processor (`<prefix>ImageProcessorPil`) instead
+  of the torchvision one, and `build_processor` leaves the video processor out.
+With torchvision present, all of them are the plain transformers classes and calls. No other module
+tests for torchvision.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +51,27 @@ def _without_video(cls: type) -> type:
     return type(cls.__name__, (cls,), members)
 
 
-def build_processor(cls: type, image_processor: Any, tokenizer: Any, chat_template: str | None, **options: Any):
-    """A processor of class `cls` from its parts. With torchvision a video processor is required by
-    the Qwen-VL classes: pass it in `options["video_processor"]`."""
+def image_processor_class(prefix: str) -> type:
+    """transformers' `<prefix>ImageProcessor` (torchvision backend) with torchvision, else its PIL twin
+    `<prefix>ImageProcessorPil` (same options, same saved `image_processor_type` family)."""
+    import transformers
+
+    return getattr(transformers, f"{prefix}ImageProcessor" if HAS_TORCHVISION else f"{prefix}ImageProcessorPil")
+
+
+def build_processor(
+    cls: type,
+    image_processor: Any,
+    tokenizer: Any,
+    chat_template: str | None,
+    video_processor: Callable[[], Any] | None = None,
+    **options: Any,
+):
+    """A processor of class `cls` from its parts. `video_processor` builds the video processor the
+    Qwen-VL classes require with torchvision; it is called only when torchvision is present (a video
+    processor cannot be built without it, and the video-less twin of `cls` takes none)."""
+    if HAS_TORCHVISION and video_processor is not None:
+        options["video_processor"] = video_processor()
     return processor_class(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                                 **options)
 

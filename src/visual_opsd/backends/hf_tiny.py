@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from visual_opsd.backends.hf_compat import HAS_TORCHVISION, build_processor
+from visual_opsd.backends.hf_compat import build_processor, image_processor_class
 from visual_opsd.sample import MARKERS
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
@@ -147,12 +147,13 @@ def tiny_qwen(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, layer
     model = model_cls(config).eval()
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     size = {"shortest_edge": 8 * 8, "longest_edge": 8 * 8 * 64}  # 1..64 image tokens of 8x8 px
-    image_processor = _image_processor(image_cls, patch_size=4, merge_size=2, temporal_patch_size=2, size=size)
-    options = {}
-    if HAS_TORCHVISION:
+    image_processor = image_processor_class(image_cls)(patch_size=4, merge_size=2, temporal_patch_size=2, size=size)
+
+    def video_processor():  # built only where torchvision is present (see hf_compat)
         video_cls = getattr(tf, "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor")
-        options["video_processor"] = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = build_processor(proc_cls, image_processor, tok, QWEN_CHAT_TEMPLATE, **options)
+        return video_cls(patch_size=4, merge_size=2, temporal_patch_size=2)
+
+    processor = build_processor(proc_cls, image_processor, tok, QWEN_CHAT_TEMPLATE, video_processor=video_processor)
     return model, processor
 
 
@@ -161,13 +162,6 @@ def _mrope(head_dim: int, family: str) -> list[int]:
     half = head_dim // 2
     t = half - 2 * (half * 3 // 8)
     return [t, half * 3 // 8, half * 3 // 8]
-
-
-def _image_processor(prefix: str, **options):
-    import transformers as tf
-
-    cls = getattr(tf, f"{prefix}ImageProcessor" if HAS_TORCHVISION else f"{prefix}ImageProcessorPil")
-    return cls(**options)
 
 
 def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int = 32):
@@ -191,7 +185,7 @@ def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int
     model.generation_config.pad_token_id = ids["<pad>"]
     size = {"shortest_edge": image_size}
     crop = {"height": image_size, "width": image_size}
-    image_processor = _image_processor("CLIP", size=size, crop_size=crop, do_center_crop=True)
+    image_processor = image_processor_class("CLIP")(size=size, crop_size=crop, do_center_crop=True)
     processor = build_processor(tf.LlavaProcessor, image_processor, tok, LLAVA_CHAT_TEMPLATE, patch_size=patch,
                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
