@@ -360,6 +360,19 @@ def test_save_then_from_pretrained_gives_identical_logits(tmp_path, samples, fam
         assert torch.equal(reloaded.score([ctx], [comp]).logits[0], ref)
 
 
+def test_pickled_weights_are_refused_without_being_read(tmp_path, monkeypatch):
+    HFBackend.tiny("qwen2_vl").save(tmp_path)
+    for path in tmp_path.glob("*.safetensors"):
+        path.rename(path.with_name("pytorch_model.bin"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickled checkpoint")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin.*safetensors only"):
+        HFBackend.load(tmp_path)
+
+
 def test_lora_saves_merged_weights_and_the_adapter_and_resumes_exactly(tmp_path, samples):
     HFBackend.tiny("qwen2_5_vl").save(tmp_path / "base")
     options = HFOptions(lora=True, lora_r=4)

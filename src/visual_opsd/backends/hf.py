@@ -571,9 +571,17 @@ class HFBackend(Backend):
         if not (directory / "config.json").is_file() and not (directory / ADAPTER_DIR).is_dir():
             raise FileNotFoundError(f"{directory}: no config.json; not a Hugging Face model folder")
         options = options or HFOptions()
-        kwargs = {"dtype": getattr(torch, options.dtype), "attn_implementation": options.attn_implementation}
+        # safetensors only (never a pickled .bin), and no code from the model folder is executed
+        kwargs = {"dtype": getattr(torch, options.dtype), "attn_implementation": options.attn_implementation,
+                  "use_safetensors": True, "trust_remote_code": False}
         adapter = directory / ADAPTER_DIR
         has_weights = any(directory.glob("*.safetensors"))
+        if not has_weights and not adapter.is_dir():
+            pickled = sorted(p.name for p in directory.glob("*.bin")) or ["no weights file"]
+            raise FileNotFoundError(
+                f"{directory}: no *.safetensors weights ({', '.join(pickled)}); visual-opsd loads weights from "
+                "safetensors only, never from pickles: convert them once with safetensors' save_file"
+            )
         processor = load_processor(directory)
         if adapter.is_dir() and (resume or not has_weights):
             from peft import PeftModel
