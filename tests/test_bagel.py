@@ -694,8 +694,7 @@ def test_generate_interleaved_end_to_end(backend, monkeypatch):
     assert given.images[0].size == (24, 24) and given.finished
 
 
-def test_example_config_validates(tmp_path):
-
+def test_example_config_validates():
     from visual_opsd.config import load_config
     from visual_opsd.train import TrainConfig
 

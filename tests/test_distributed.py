@@ -4,7 +4,8 @@ Deterministic mode (rollout.source=data): completions are the samples' own trace
 lengths across ranks, so the only difference between the runs is how the global batch is split
 (2 ranks x 2 micro-batches of 1 prompt vs 1 process x 1 micro-batch of 4). Also: a 2-process
 checkpoint resumed in 1 process, a non-finite loss on one rank skipped on both, and every shipped
-accelerate config resolved by accelerate's own launcher code to the engine it claims.
+accelerate config resolved by accelerate's own launcher code to the engine it claims, and FSDP2
+(shard_weights=true: accelerate cannot select FSDP on a CPU) matching the same one process.
 """
 
 from __future__ import annotations
@@ -244,9 +245,10 @@ def test_shipped_accelerate_configs_resolve_to_their_engine(name, monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU"])
-def test_sharded_engine_refuses_a_backend_that_cannot_be_sharded(tiny_model, engine):
-    """FSDP / DeepSpeed with the mini backend stop at start pointing to ddp.yaml (no silent replication);
-    data-parallel engines run it."""
+def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
+    """An accelerate FSDP config shards the mini backend (FSDP2); one that cannot be sharded stops at
+    start pointing to ddp.yaml (no silent replication); DeepSpeed is refused for every backend;
+    data-parallel engines run everything unsharded unless shard_weights asks."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -256,22 +258,51 @@ def test_sharded_engine_refuses_a_backend_that_cannot_be_sharded(tiny_model, eng
 
     fake = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
                            distributed_type=DistributedType[engine])
-    dist, backend = Dist(fake), MiniBackend.load(tiny_model)
+    dist, backend, unshardable = Dist(fake), MiniBackend.load(tiny_model), SimpleNamespace()
     assert dist.engine == engine
-    dist.check_engine(SimpleNamespace(supports_sharding=True))
-    if engine.startswith("MULTI"):
-        dist.check_engine(backend)
-    else:
-        with pytest.raises(ConfigError, match=f"uses {engine}, but the MiniBackend .* configs/accelerate/ddp.yaml"):
+    if engine == "DEEPSPEED":
+        with pytest.raises(ConfigError, match="DEEPSPEED.*configs/accelerate/fsdp.yaml"):
             dist.check_engine(backend)
+        return
+    assert dist.check_engine(backend) is (engine == "FSDP")
+    assert dist.check_engine(backend, shard_weights=True) is True
+    if engine != "FSDP":
+        assert dist.check_engine(unshardable) is False
+    for ask in (False, True) if engine == "FSDP" else (True,):
+        with pytest.raises(ConfigError, match="SimpleNamespace backend .* configs/accelerate/ddp.yaml"):
+            dist.check_engine(unshardable, shard_weights=ask)
 
 
-def test_fsdp2_shards_on_cpu():
-    """The installed torch runs FSDP2 on CPU/gloo (the loop itself syncs explicitly; docs/scale.md)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "fsdp2_cpu_check.py")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("sharded=DTensor") == 2
+def test_fsdp_two_processes_match_one_process(tiny_model, single, tmp_path):
+    """FSDP2 (weights, gradients, optimizer state and EMA shadow sharded over 2 gloo processes, 2
+    micro-batches each) reproduces one unsharded process: gradients, losses, and after 3 steps the
+    weights, the EMA teacher and the optimizer state."""
+    out = tmp_path / "fsdp"
+    launch(2, overrides(tiny_model, out, shard_weights="true", **{"optim.grad_accum": 2}),
+           **{DUMP_ENV: str(out / "grads")})
+    for step in range(1, STEPS + 1):
+        a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (single, out))
+        assert max_diff(a, b) < 1e-6, f"step {step}"
+    assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    opt_a, opt_b = (torch.load(d / "last" / "optimizer.pt", weights_only=True) for d in (single, out))
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for i, state in opt_a["state"].items():
+        for k, v in state.items():  # whole tensors in the unsharded layout, not shards
+            assert v.shape == opt_b["state"][i][k].shape and float((v - opt_b["state"][i][k]).abs().max()) < 1e-6
+    for a, b in zip(step_rows(single), step_rows(out), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
+
+
+def test_fsdp_checkpoint_resumes_unsharded_and_back(tiny_model, single, tmp_path):
+    """Step 1 under FSDP on 2 processes, step 2 in one plain process, step 3 under FSDP again: the
+    same weights as one uninterrupted process (checkpoints hold whole tensors either way)."""
+    out = tmp_path / "mixed"
+    launch(2, overrides(tiny_model, out, shard_weights="true", stop_at_step=1))
+    run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
+    launch(2, overrides(tiny_model, out, shard_weights="true", resume=out / "last"))
+    assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))

@@ -18,8 +18,16 @@ processes (any launcher accelerate supports: DDP, multi-node; gloo on CPU, NCCL 
 
 Gradient sync is explicit rather than through a DDP wrapper because a backend's `score` calls its
 network more than once per micro-batch (context prefix, then completion) and reads the output head
-directly; the wrapper's hooks would see only some of those calls. Backends whose scoring goes
-through the module's forward can be sharded with FSDP / DeepSpeed (see docs/scale.md).
+directly; the wrapper's hooks would see only some of those calls.
+
+Sharded training (`shard_weights`, or an accelerate FSDP config) uses torch's FSDP2 `fully_shard`
+on the whole network as one unit, for backends that declare `supports_sharding` (their every network
+call goes through the root module's forward): weights, gradients and optimizer state live sharded
+between steps; the weights are gathered once before the step's rollouts (`unshard`), so ranks that
+decode different numbers of tokens issue no collectives; FSDP reduce-scatters the gradients (an
+average over ranks: the loss is scaled by the world size to keep the sum rule above); checkpoints
+gather full tensors (`full_tensor`) on every rank and rank 0 writes them, in the same format as
+unsharded runs.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 class Dist:
@@ -60,16 +69,33 @@ class Dist:
         """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ..."""
         return "NO" if self.accelerator is None else str(self.accelerator.distributed_type).split(".")[-1]
 
-    def check_engine(self, backend: Any) -> None:
-        """Refuse sharded engines for backends that cannot be wrapped, rather than silently replicating."""
-        if self.engine in ("FSDP", "DEEPSPEED") and not getattr(backend, "supports_sharding", False):
-            from visual_opsd.config import ConfigError
+    def check_engine(self, backend: Any, shard_weights: bool = False) -> bool:
+        """Whether this run shards the weights (FSDP2): asked for by `shard_weights` or an accelerate
+        FSDP config. Refuses DeepSpeed, and sharding for backends that cannot be sharded, rather than
+        silently replicating."""
+        from visual_opsd.config import ConfigError
 
+        if self.engine == "DEEPSPEED":
             raise ConfigError(
-                f"accelerate config uses {self.engine}, but the {type(backend).__name__} backend calls its network "
-                "several times per micro-batch outside one forward and cannot be sharded; use "
-                "configs/accelerate/ddp.yaml (data parallel) for it (docs/scale.md)"
+                "accelerate config uses DEEPSPEED, which visual-opsd train does not drive (its backends call the "
+                "network several times per step outside one engine forward); use configs/accelerate/fsdp.yaml "
+                "(FSDP2, the same memory savings as ZeRO-3) or ddp.yaml (docs/scale.md)"
             )
+        shard = shard_weights or self.engine == "FSDP"
+        if shard and not getattr(backend, "supports_sharding", False):
+            raise ConfigError(
+                f"sharded training (FSDP) was asked for, but the {type(backend).__name__} backend calls parts of its "
+                "network outside the root module's forward and cannot be sharded; use configs/accelerate/ddp.yaml "
+                "(data parallel) for it (docs/scale.md)"
+            )
+        return shard and self.world > 1
+
+    def shard_model(self, model: nn.Module) -> None:
+        """FSDP2 over all ranks, the whole network as one unit; its weights stay gathered after a
+        forward until `reshard` (a step's many forwards gather once)."""
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, reshard_after_forward=False)
 
     @property
     def is_main(self) -> bool:
@@ -156,3 +182,43 @@ class Dist:
         yield
         if self.is_main:
             self.barrier()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded by FSDP2 (`Dist.shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unshard(model: nn.Module) -> None:
+    """Gather a sharded model's weights now (a collective: every rank at the same point); no-op otherwise."""
+    if is_sharded(model):
+        model.unshard()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free a sharded model's gathered weights (the shards remain); no-op otherwise."""
+    if is_sharded(model):
+        model.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective), or `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like` (this rank's shard when `like` is a sharded DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
+    return full
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state (every rank must call it when sharded), on CPU."""
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -39,14 +39,14 @@ def maybe_kill(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def dump_gradients(step: int, named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
-    """With VISUAL_OPSD_DUMP_GRADS=DIR, write the step's synced gradients to DIR/grads-{step}.safetensors
-    (the distributed tests compare them across process counts)."""
+def dump_gradients(step: int, named_grads: list[tuple[str, torch.Tensor]]) -> None:
+    """With VISUAL_OPSD_DUMP_GRADS=DIR, write the step's synced (whole) gradients to
+    DIR/grads-{step}.safetensors (the distributed tests compare them across process counts)."""
     folder = os.environ.get(DUMP_ENV)
     if not folder:
         return
     from safetensors.torch import save_file
 
-    grads = {n: p.grad.detach().contiguous() for n, p in named_params if p.grad is not None}
+    grads = {n: g.detach().contiguous() for n, g in named_grads}
     os.makedirs(folder, exist_ok=True)
     save_file(grads, os.path.join(folder, f"grads-{step}.safetensors"))

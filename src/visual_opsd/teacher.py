@@ -9,7 +9,8 @@ The teacher is the student's own network; only its weights may differ:
 Only the *trainable* parameters get a shadow copy; everything else is shared. So with LoRA the
 teacher costs one copy of the adapters, and `frozen` equals the base model whenever adapters are
 initialised to a zero update (as LoRA's are). During a teacher forward the shadow tensors are
-swapped into the module by pointer (no copy) and swapped back afterwards.
+swapped into the module by pointer (no copy) and swapped back afterwards; under FSDP2 the shards
+are exchanged in place instead (see `_exchange`).
 
 With LoRA (peft) the `frozen` teacher needs no shadow at all: pass `base_weights` (the peft
 model's `disable_adapter`) and the teacher forward runs the base model with adapters disabled.
@@ -23,6 +24,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from visual_opsd.distributed import full_tensor, is_sharded, like_param, reshard
 
 TeacherMode = Literal["live", "ema", "frozen"]
 
@@ -58,6 +61,7 @@ class Teacher:
         """After an optimizer step: ema <- decay * ema + (1 - decay) * student. No-op unless `ema`."""
         if self.mode != "ema":
             return
+        reshard(self.student)  # FSDP2: average the shards
         params = dict(self.student.named_parameters())
         for name, shadow in self.shadow.items():
             # lerp_(end, w) computes shadow + w * (end - shadow): w = 1 - decay keeps `decay` of the old.
@@ -74,20 +78,19 @@ class Teacher:
             with torch.no_grad():
                 yield self.student
             return
+        reshard(self.student)  # FSDP2: from here on the registered parameters are the shards
         params = dict(self.student.named_parameters())
         swapped = [(params[name], shadow) for name, shadow in self.shadow.items()]
-        for param, shadow in swapped:
-            param.data, shadow.data = shadow.data, param.data
+        _exchange(self.student, swapped)
         try:
             with torch.no_grad():
                 yield self.student
         finally:
-            for param, shadow in swapped:
-                param.data, shadow.data = shadow.data, param.data
+            _exchange(self.student, swapped)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shadow weights, for checkpoints (empty for `live`)."""
-        return {name: t.detach().clone() for name, t in self.shadow.items()}
+        """The shadow weights, whole, for checkpoints (empty for `live`; a collective under FSDP2)."""
+        return {name: full_tensor(t).detach().clone() for name, t in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
@@ -99,4 +102,20 @@ class Teacher:
             )
         with torch.no_grad():
             for name, t in state.items():
-                self.shadow[name].copy_(t)
+                self.shadow[name].copy_(like_param(t, self.shadow[name]))
+
+
+@torch.no_grad()
+def _exchange(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Exchange each parameter's values with its shadow's. Plain modules: by pointer (no copy).
+    FSDP2: the gathered weights are freed first and the shards exchanged in place, because FSDP
+    gathers from its own shard storage, which a pointer swap would not reach."""
+    if not is_sharded(module):
+        for param, shadow in pairs:
+            param.data, shadow.data = shadow.data, param.data
+        return
+    reshard(module)  # the next forward gathers the exchanged shards
+    for param, shadow in pairs:
+        kept = param.detach().clone()
+        param.detach().copy_(shadow)
+        shadow.copy_(kept)

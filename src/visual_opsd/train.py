@@ -54,9 +54,9 @@ from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.budget import LimitsConfig, check_budget
 from visual_opsd.checkpoint import CheckpointError, atomic_dir, remove_stale_temporaries, resolve_checkpoint
 from visual_opsd.config import ConfigError, to_dict
-from visual_opsd.distributed import Dist
+from visual_opsd.distributed import Dist, full_state_dict, full_tensor, is_sharded, like_param, unshard
 from visual_opsd.errors import TrainingAborted
-from visual_opsd.faults import armed, dump_gradients, maybe_kill
+from visual_opsd.faults import DUMP_ENV, armed, dump_gradients, maybe_kill
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
@@ -172,6 +172,11 @@ class TrainConfig:
     backend: BagelLoadOptions | None = field(  # BAGEL folders only
         default=None, metadata={"help": "how to open a BAGEL folder; null: the whole model in fp32"}
     )
+    shard_weights: bool = field(
+        default=False,
+        metadata={"help": "FSDP2: shard weights, gradients and optimizer state over the processes (on by itself "
+                          "under an accelerate FSDP config; the way to ask for it on CPU, where accelerate cannot)"},
+    )
 
     def __post_init__(self) -> None:
         if self.threads < 1 or self.save_every < 1:
@@ -246,8 +251,11 @@ def distill_loss(
     with timed(times, "teacher"), teacher.weights():
         t = backend.score(teacher_ctx, rollout.ids, output=output)
         # the teacher swaps storages by pointer: a detached view taken here keeps the teacher's head
-        # storage after the block ends (no copy: ~1 GiB for a 7B model's head in bf16)
+        # storage after the block ends (no copy: ~1 GiB for a 7B model's head in bf16); FSDP2 frees
+        # the gathered teacher weights when the block ends, so a sharded run keeps a copy
         t_head = t.head_weight.detach() if cfg.fused else None
+        if t_head is not None and is_sharded(backend.model):
+            t_head = t_head.clone()
     with timed(times, "update"):
         s = backend.score(student_ctx, rollout.ids, output=output)
         mask = s.mask & rollout.loss_mask(s.mask.shape[1]).to(s.mask.device)
@@ -270,7 +278,7 @@ def run_train(cfg: TrainConfig) -> Path:
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     backend = load_backend(resume / "model" if resume else cfg.init_from, cfg.hf, resume=resume is not None,
                            bagel=cfg.backend)
-    dist.check_engine(backend)
+    sharded = dist.check_engine(backend, cfg.shard_weights)
     model = backend.model
     task = get_task(cfg.data.task)
     patch = maze_cell_px(backend)
@@ -279,6 +287,8 @@ def run_train(cfg: TrainConfig) -> Path:
     per_rank = prompts_per_rank(cfg.optim, dist.world)
     micro = per_rank // cfg.optim.grad_accum
     check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
+    if sharded:
+        dist.shard_model(model)  # before the teacher's shadow and the optimizer: both follow the shards
     teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay,
                       base_weights=getattr(backend, "adapters_disabled", None))  # LoRA: frozen = adapters off
     params = [p for p in model.parameters() if p.requires_grad]
@@ -309,6 +319,7 @@ def run_train(cfg: TrainConfig) -> Path:
 
         # 1-2: every rollout of the window first, so the token count is known before any backward
         model.eval()
+        unshard(model)  # FSDP2: gather the weights once, so decoding issues no collectives
         windows = []
         for m in range(cfg.optim.grad_accum):
             samples = [train[i] for i in idx[m * micro : (m + 1) * micro]]
@@ -339,16 +350,20 @@ def run_train(cfg: TrainConfig) -> Path:
             if armed("nan:loss", done):  # fault injection
                 loss = loss * float("nan")
             with timed(times, "update"):
-                loss.backward()
+                # FSDP averages gradients over ranks; the loss rule above wants their sum
+                (loss * dist.world if sharded else loss).backward()
             total += loss.item()
         with timed(times, "update"):
-            dist.sum_gradients(params)
-            if dist.is_main:
-                dump_gradients(done, list(model.named_parameters()))  # test hook; inert unless its env var is set
+            if not sharded:
+                dist.sum_gradients(params)  # (FSDP reduce-scattered them during the backward)
+            if os.environ.get(DUMP_ENV):  # test hook: whole gradients (a collective when sharded)
+                grads = [(n, full_tensor(p.grad)) for n, p in model.named_parameters() if p.grad is not None]
+                if dist.is_main:
+                    dump_gradients(done, grads)
             if armed("inf:grad", done):  # fault injection
                 next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
             total = dist.sum(total)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
             finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
             if finite:
                 opt.step()
@@ -393,8 +408,9 @@ def run_train(cfg: TrainConfig) -> Path:
         state["step"] = done
         stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
         if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
+            gathered = gather_train_state(model, opt, teacher) if sharded else None  # every rank
             if dist.is_main:
-                save_train_state(out / "last", backend, opt, teacher, state)
+                save_train_state(out / "last", backend, opt, teacher, state, gathered)
             dist.barrier()  # no rank runs ahead of a checkpoint being written
         log.write(record)
         bar.set_postfix(loss=f"{total:.4f}", acc=f"{record.get('rollout/correct', 0):.2f}")
@@ -453,6 +469,7 @@ def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step:
               log: MetricsLog | None = None):
     """Greedy text-only student accuracy on the validation split, sharded over ranks; rank 0 writes
     best/ on improvement."""
+    unshard(backend.model)  # FSDP2: gathered before decoding (ranks decode different lengths)
     mine = val[dist.rank :: dist.world]
     preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
     correct = dist.sum(sum(task.is_correct(s, p) for s, p in zip(mine, preds, strict=True)))
@@ -464,22 +481,40 @@ def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step:
     result: dict[str, Any] = {}
     if acc > best:
         result = {"best": acc, "best_step": step}
+        whole = full_state_dict(backend.model) if is_sharded(backend.model) else None  # every rank
         if dist.is_main:
             with atomic_dir(out / "best", manifest=True) as tmp:
-                backend.save(tmp / "model")
+                _save_model(backend, tmp / "model", whole)
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
     return result
 
 
-def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, teacher: Teacher, state: dict) -> None:
+def gather_train_state(model: torch.nn.Module, opt: torch.optim.Optimizer, teacher: Teacher) -> dict[str, Any]:
+    """A sharded run's weights, optimizer and teacher state as whole tensors (every rank calls it:
+    FSDP2 all-gathers), in the layout an unsharded run saves, so checkpoints resume anywhere."""
+    optim = opt.state_dict()
+    optim["state"] = {i: {k: full_tensor(v).cpu() for k, v in st.items()} for i, st in optim["state"].items()}
+    return {"model": full_state_dict(model), "optimizer": optim, "teacher": teacher.state_dict()}
+
+
+def _save_model(backend: Backend, path: Path, whole: dict[str, torch.Tensor] | None) -> None:
+    if whole is None:
+        backend.save(path)
+    else:
+        backend.save(path, state=whole)  # sharded backends (supports_sharding) take the gathered weights
+
+
+def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, teacher: Teacher, state: dict,
+                     gathered: dict[str, Any] | None = None) -> None:
     """Everything a resume needs, written atomically with a checksum manifest: weights, optimizer,
-    teacher, step, best. The checkpoint it replaces is kept as `<path>.prev` (the fallback)."""
+    teacher, step, best. The checkpoint it replaces is kept as `<path>.prev` (the fallback).
+    `gathered`: a sharded run's whole state (`gather_train_state`)."""
     with atomic_dir(path, manifest=True, keep_previous=True) as tmp:
-        backend.save(tmp / "model")
+        _save_model(backend, tmp / "model", gathered and gathered["model"])
         maybe_kill("checkpoint", state["step"])  # fault injection: a half-written checkpoint
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(gathered["optimizer"] if gathered else opt.state_dict(), tmp / "optimizer.pt")
         if teacher.shadow:
-            save_file(teacher.state_dict(), str(tmp / "teacher.safetensors"))
+            save_file(gathered["teacher"] if gathered else teacher.state_dict(), str(tmp / "teacher.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -492,7 +527,12 @@ def load_train_state(path: Path, opt: torch.optim.Optimizer, teacher: Teacher) -
     file = path / "optimizer.pt"
     try:
         # weights_only: tensors and plain containers only, never arbitrary unpickling
-        opt.load_state_dict(torch.load(file, weights_only=True))
+        optim = torch.load(file, weights_only=True)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, st in optim.get("state", {}).items():  # whole tensors -> this rank's shards (FSDP2)
+            if isinstance(i, int) and i < len(params):
+                st.update({k: like_param(v, params[i]) for k, v in st.items() if torch.is_tensor(v) and v.dim()})
+        opt.load_state_dict(optim)
         if teacher.shadow:
             file = path / "teacher.safetensors"
             teacher.load_state_dict(load_file(str(file)))

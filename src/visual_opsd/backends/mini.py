@@ -292,6 +292,10 @@ class MiniDecoder(Decoder):
 class MiniBackend(Backend):
     """The miniature unified model (see the module docstring)."""
 
+    # FSDP2 can shard it (distributed.py): scoring and decoding enter through MiniUMM.forward, and the
+    # heads read after it see the weights FSDP keeps gathered until the train loop reshards them
+    supports_sharding = True
+
     def __init__(
         self,
         model: MiniUMM,
@@ -687,7 +691,8 @@ class MiniBackend(Backend):
 
     # persistence -------------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Config, tokenizer and weights (`state`: whole weights gathered from a sharded run)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -699,7 +704,7 @@ class MiniBackend(Backend):
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.tokenizer.save(directory / "tokenizer.json")
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or self.model.state_dict()).items()}
         save_file(state, str(directory / "model.safetensors"))
 
     @classmethod
