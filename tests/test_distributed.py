@@ -284,6 +284,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model, single, tmp_path):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (single, out))
         assert max_diff(a, b) < 1e-6, f"step {step}"
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert max_diff(weights(single / "best"), weights(out / "best")) < 1e-6  # gathered after validation
     opt_a, opt_b = (torch.load(d / "last" / "optimizer.pt", weights_only=True) for d in (single, out))
     assert opt_a["state"].keys() == opt_b["state"].keys()
     for i, state in opt_a["state"].items():
