@@ -31,7 +31,8 @@ TeacherMode = Literal["live", "ema", "frozen"]
 
 
 class Teacher:
-    """The teacher side of one student module. Create it before any wrapping or sharding."""
+    """The teacher side of one student module. Create it after FSDP2 sharding (the shadow then holds
+    shards too) and before any other wrapping."""
 
     def __init__(
         self,
