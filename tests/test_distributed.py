@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from visual_opsd.backends.bagel_model import is_generation_param
 from visual_opsd.backends.mini import MiniBackend
 from visual_opsd.config import load_config
 from visual_opsd.faults import DUMP_ENV, ENV
@@ -295,6 +296,29 @@ def test_fsdp_two_processes_match_one_process(tiny_model, single, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
     written = sorted(p.name for p in out.iterdir())
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
+
+
+def test_fsdp_shards_the_bagel_backend_as_one_process(tmp_path):
+    """The BAGEL backend (tiny golden weights, released folder layout) under FSDP2 on 2 processes
+    reproduces one process: its scoring runs inside BagelModel.forward, so FSDP gathers the weights for
+    it and reduces every gradient it makes (the generation side, frozen, gets none)."""
+    from test_bagel import tiny_folder  # the same tiny checkpoint folder as the BAGEL tests
+
+    model = tiny_folder(tmp_path / "bagel")
+    one, two = tmp_path / "one", tmp_path / "two"
+    mp = pytest.MonkeyPatch()
+    mp.setenv(DUMP_ENV, str(one / "grads"))
+    try:
+        run_train(load_config(TrainConfig, None, overrides(model, one)))
+    finally:
+        mp.undo()
+    launch(2, overrides(model, two, shard_weights="true", **{"optim.grad_accum": 2}), **{DUMP_ENV: str(two / "grads")})
+    for step in range(1, STEPS + 1):
+        a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (one, two))
+        assert a and max_diff(a, b) < 1e-6, f"step {step}"
+        assert not any(is_generation_param(k) for k in a)  # the generation side is frozen
+    assert max_diff(weights(one / "last"), weights(two / "last")) < 1e-6
+    assert max_diff(weights(one / "best"), weights(two / "best")) < 1e-6
 
 
 def test_fsdp_checkpoint_resumes_unsharded_and_back(tiny_model, single, tmp_path):

@@ -21,7 +21,7 @@ network more than once per micro-batch (context prefix, then completion) and rea
 directly; the wrapper's hooks would see only some of those calls.
 
 Sharded training (`shard_weights`, or an accelerate FSDP config) uses torch's FSDP2 `fully_shard`
-on the whole network as one unit, for backends that declare `supports_sharding` (their every network
+(a unit per decoder layer, one for the rest), for backends that declare `supports_sharding` (their every network
 call goes through the root module's forward): weights, gradients and optimizer state live sharded
 between steps; the weights are gathered once before the step's rollouts (`unshard`), so ranks that
 decode different numbers of tokens issue no collectives; FSDP reduce-scatters the gradients (an
@@ -91,11 +91,20 @@ class Dist:
         return shard and self.world > 1
 
     def shard_model(self, model: nn.Module) -> None:
-        """FSDP2 over all ranks, the whole network as one unit; its weights stay gathered after a
-        forward until `reshard` (a step's many forwards gather once)."""
+        """FSDP2 over all ranks: one unit per decoder layer (every `layers` ModuleList's items), one
+        for the rest. Weights stay gathered after a forward until `reshard` (a step's many forwards
+        gather once); each layer's gradients are reduce-scattered as soon as its backward is done,
+        so no whole unsharded gradient ever exists."""
         from torch.distributed.fsdp import fully_shard
 
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+                for layer in module:
+                    fully_shard(layer, reshard_after_forward=False)
         fully_shard(model, reshard_after_forward=False)
+        # FSDP2 takes the first unit to run a forward as the root; decoding may call a layer directly
+        # (outside the model's forward), so make the model the root now (torch has no public call)
+        model._get_fsdp_state()._lazy_init()
 
     @property
     def is_main(self) -> bool:
@@ -191,16 +200,23 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _units(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)] if is_sharded(model) else []
+
+
 def unshard(model: nn.Module) -> None:
-    """Gather a sharded model's weights now (a collective: every rank at the same point); no-op otherwise."""
-    if is_sharded(model):
-        model.unshard()
+    """Gather a sharded model's weights now, every unit (collectives: every rank at the same point);
+    no-op otherwise."""
+    for unit in _units(model):
+        unit.unshard()
 
 
 def reshard(model: nn.Module) -> None:
-    """Free a sharded model's gathered weights (the shards remain); no-op otherwise."""
-    if is_sharded(model):
-        model.reshard()
+    """Free a sharded model's gathered weights, every unit (the shards remain); no-op otherwise."""
+    for unit in _units(model):
+        unit.reshard()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

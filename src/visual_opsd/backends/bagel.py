@@ -346,6 +346,11 @@ class BagelDecoder(Decoder):
 class BagelBackend(Backend):
     """BAGEL-7B-MoT / ThinkMorph-7B (or a tiny random model of the same architecture)."""
 
+    # FSDP2 can shard it (distributed.py): `score` runs inside BagelModel.forward, so the weights are
+    # gathered for it and every gradient it produces is reduced; decoding runs on weights the train
+    # loop has gathered beforehand
+    supports_sharding = True
+
     def __init__(self, model: BagelModel, tokenizer, vae: FluxVAE | None = None, options: BagelOptions | None = None,
                  source: Path | None = None):
         self.model, self.tokenizer, self.vae = model, tokenizer, vae
@@ -416,8 +421,9 @@ class BagelBackend(Backend):
     def load(cls, directory: str | Path) -> BagelBackend:
         return cls.from_folder(directory)
 
-    def save(self, directory: str | Path) -> None:
-        """The released layout (official key names), so `from_folder` and other BAGEL loaders read it."""
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The released layout (official key names), so `from_folder` and other BAGEL loaders read it
+        (`state`: whole weights gathered from a sharded run)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
@@ -440,7 +446,7 @@ class BagelBackend(Backend):
         if self.source is not None:
             extra["ae"] = load_ae_params(self.source)
         (directory / "bagel_config.json").write_text(json.dumps(extra, indent=1))
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or self.model.state_dict()).items()}
         save_file(state, str(directory / "model.safetensors"))
         if self.source is not None and self.source.resolve() != directory.resolve():
             for name in ("ae.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -524,6 +530,25 @@ class BagelBackend(Backend):
                 splits.append((r.shape[0], "full"))
                 p += 1
         return torch.cat(rows), torch.cat(pos), splits
+
+    def _score_hidden(self, contexts: list[BagelContext], completions: list[list[int]], T: int,
+                      model: BagelModel) -> torch.Tensor:
+        """Hidden states (m, T, D) predicting each completion: each context's prefix runs once, packed;
+        its g completions run as one causal batch against that cache."""
+        g, dev, hidden = len(completions) // len(contexts), model.device, []
+        for i, ctx in enumerate(contexts):
+            cache, last = self._packed_prefix(ctx, model)
+            ids = torch.zeros(g, T, dtype=torch.long)
+            for j in range(g):
+                c = completions[i * g + j]
+                ids[j, : len(c)] = torch.tensor(c, dtype=torch.long)
+            ids = ids.to(dev)
+            pos = (ctx.next_pos + torch.arange(T, device=dev))[None].expand(g, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(g, T, T)
+            h = model.forward_llm(model.embed_text(ids), pos, None, causal, cache.expand(g))  # (g, T, D)
+            # position t predicts completion token t: the context's last row, then tokens 0..T-2
+            hidden.append(torch.cat([last[None, None].expand(g, 1, -1), h[:, :-1]], dim=1))
+        return torch.cat(hidden)
 
     def _packed_prefix(self, ctx: BagelContext, model: BagelModel) -> tuple[KVCache, torch.Tensor]:
         """One packed forward of a context: its cache and the last row's hidden state (D,)."""
@@ -620,19 +645,7 @@ class BagelBackend(Backend):
                 return Scores(mask=mask.to(model.device), hidden=hidden, attentions=attentions,
                               head_weight=model.language_model.lm_head.weight)
             return Scores(mask=mask.to(model.device), logits=model.logits(hidden), attentions=attentions)
-        for i, ctx in enumerate(contexts):
-            cache, last = self._packed_prefix(ctx, model)
-            ids = torch.zeros(g, T, dtype=torch.long)
-            for j in range(g):
-                c = completions[i * g + j]
-                ids[j, : len(c)] = torch.tensor(c, dtype=torch.long)
-            ids = ids.to(dev)
-            pos = (ctx.next_pos + torch.arange(T, device=dev))[None].expand(g, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(g, T, T)
-            h = model.forward_llm(model.embed_text(ids), pos, None, causal, cache.expand(g))  # (g, T, D)
-            # position t predicts completion token t: the context's last row, then tokens 0..T-2
-            hidden.append(torch.cat([last[None, None].expand(g, 1, -1), h[:, :-1]], dim=1))
-        hidden = torch.cat(hidden)
+        hidden = model(self._score_hidden, contexts, completions, T, model)  # through forward: FSDP2 hooks
         mask = mask.to(dev)
         if output == "hidden":
             return Scores(mask=mask, hidden=hidden, head_weight=model.language_model.lm_head.weight)

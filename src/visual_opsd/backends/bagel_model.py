@@ -501,6 +501,12 @@ class BagelModel(nn.Module):
     def device(self) -> torch.device:
         return self.language_model.lm_head.weight.device
 
+    def forward(self, fn, *args, **kwargs):
+        """Runs `fn(*args, **kwargs)` (which calls this model's parts) inside the module's forward:
+        the one entry point through which wrappers such as FSDP2 see a computation, gathering the
+        weights before it and reducing the gradients of everything it produced."""
+        return fn(*args, **kwargs)
+
     # inputs ------------------------------------------------------------------------------------
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
