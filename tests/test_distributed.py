@@ -93,11 +93,15 @@ def step_rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def single(tiny_model, tmp_path_factory) -> Path:
     """The reference: one process, one micro-batch of 4 prompts per step (gradients dumped too)."""
-    out = tmp_path_factory.mktemp("single") / "run"
+    return one_process(tiny_model, tmp_path_factory.mktemp("single") / "run")
+
+
+def one_process(model: Path, out: Path) -> Path:
+    """A plain one-process run of `overrides(model, out)` that dumps its gradients under out/grads."""
     mp = pytest.MonkeyPatch()
     mp.setenv(DUMP_ENV, str(out / "grads"))
     try:
-        run_train(load_config(TrainConfig, None, overrides(tiny_model, out)))
+        run_train(load_config(TrainConfig, None, overrides(model, out)))
     finally:
         mp.undo()
     return out
@@ -305,13 +309,7 @@ def test_fsdp_shards_the_bagel_backend_as_one_process(tmp_path):
     from test_bagel import tiny_folder  # the same tiny checkpoint folder as the BAGEL tests
 
     model = tiny_folder(tmp_path / "bagel")
-    one, two = tmp_path / "one", tmp_path / "two"
-    mp = pytest.MonkeyPatch()
-    mp.setenv(DUMP_ENV, str(one / "grads"))
-    try:
-        run_train(load_config(TrainConfig, None, overrides(model, one)))
-    finally:
-        mp.undo()
+    one, two = one_process(model, tmp_path / "one"), tmp_path / "two"
     launch(2, overrides(model, two, shard_weights="true", **{"optim.grad_accum": 2}), **{DUMP_ENV: str(two / "grads")})
     for step in range(1, STEPS + 1):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (one, two))
