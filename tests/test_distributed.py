@@ -263,7 +263,7 @@ def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
 
     fake = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
                            distributed_type=DistributedType[engine])
-    dist, backend, unshardable = Dist(fake), MiniBackend.load(tiny_model), SimpleNamespace()
+    dist, backend, unshardable = Dist(fake), MiniBackend.load(tiny_model), SimpleNamespace(supports_sharding=False)
     assert dist.engine == engine
     if engine == "DEEPSPEED":
         with pytest.raises(ConfigError, match="DEEPSPEED.*configs/accelerate/fsdp.yaml"):

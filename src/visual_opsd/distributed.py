@@ -82,7 +82,7 @@ class Dist:
                 "(FSDP2, the same memory savings as ZeRO-3) or ddp.yaml (docs/scale.md)"
             )
         shard = shard_weights or self.engine == "FSDP"
-        if shard and not getattr(backend, "supports_sharding", False):
+        if shard and not backend.supports_sharding:
             raise ConfigError(
                 f"sharded training (FSDP) was asked for, but the {type(backend).__name__} backend calls parts of its "
                 "network outside the root module's forward and cannot be sharded; use configs/accelerate/ddp.yaml "

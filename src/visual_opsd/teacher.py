@@ -79,15 +79,17 @@ class Teacher:
             with torch.no_grad():
                 yield self.student
             return
+        sharded = is_sharded(self.student)
         reshard(self.student)  # FSDP2: from here on the registered parameters are the shards
         params = dict(self.student.named_parameters())
         swapped = [(params[name], shadow) for name, shadow in self.shadow.items()]
-        _exchange(self.student, swapped)
+        _exchange(swapped, sharded)
         try:
             with torch.no_grad():
                 yield self.student
         finally:
-            _exchange(self.student, swapped)
+            reshard(self.student)  # FSDP2: free the teacher's gathered weights; the next forward gathers
+            _exchange(swapped, sharded)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow weights, whole, for checkpoints (empty for `live`; a collective under FSDP2)."""
@@ -107,15 +109,14 @@ class Teacher:
 
 
 @torch.no_grad()
-def _exchange(module: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]], sharded: bool) -> None:
     """Exchange each parameter's values with its shadow's. Plain modules: by pointer (no copy).
-    FSDP2: the gathered weights are freed first and the shards exchanged in place, because FSDP
-    gathers from its own shard storage, which a pointer swap would not reach."""
-    if not is_sharded(module):
+    FSDP2 (resharded by the caller): the shards in place, because FSDP gathers from its own shard
+    storage, which a pointer swap would not reach."""
+    if not sharded:
         for param, shadow in pairs:
             param.data, shadow.data = shadow.data, param.data
         return
-    reshard(module)  # the next forward gathers the exchanged shards
     for param, shadow in pairs:
         kept = param.detach().clone()
         param.detach().copy_(shadow)

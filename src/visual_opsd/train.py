@@ -484,7 +484,7 @@ def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step:
         whole = full_state_dict(backend.model) if is_sharded(backend.model) else None  # every rank
         if dist.is_main:
             with atomic_dir(out / "best", manifest=True) as tmp:
-                _save_model(backend, tmp / "model", whole)
+                backend.save(tmp / "model", state=whole)
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
     return result
 
@@ -497,20 +497,13 @@ def gather_train_state(model: torch.nn.Module, opt: torch.optim.Optimizer, teach
     return {"model": full_state_dict(model), "optimizer": optim, "teacher": teacher.state_dict()}
 
 
-def _save_model(backend: Backend, path: Path, whole: dict[str, torch.Tensor] | None) -> None:
-    if whole is None:
-        backend.save(path)
-    else:
-        backend.save(path, state=whole)  # sharded backends (supports_sharding) take the gathered weights
-
-
 def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, teacher: Teacher, state: dict,
                      gathered: dict[str, Any] | None = None) -> None:
     """Everything a resume needs, written atomically with a checksum manifest: weights, optimizer,
     teacher, step, best. The checkpoint it replaces is kept as `<path>.prev` (the fallback).
     `gathered`: a sharded run's whole state (`gather_train_state`)."""
     with atomic_dir(path, manifest=True, keep_previous=True) as tmp:
-        _save_model(backend, tmp / "model", gathered and gathered["model"])
+        backend.save(tmp / "model", state=gathered["model"] if gathered else None)
         maybe_kill("checkpoint", state["step"])  # fault injection: a half-written checkpoint
         torch.save(gathered["optimizer"] if gathered else opt.state_dict(), tmp / "optimizer.pt")
         if teacher.shadow:

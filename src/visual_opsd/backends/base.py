@@ -169,6 +169,9 @@ class Backend(ABC):
     image_start_id: int
     image_end_id: int
     suppressed_ids: tuple[int, ...] = ()  # ids never sampled (pad, bos, unk, image placeholders)
+    # FSDP2 may shard `model` (distributed.py): every gradient-carrying network call goes through
+    # `model`'s forward, so FSDP gathers the weights for it and reduces what it computes
+    supports_sharding: bool = False
 
     @abstractmethod
     def build_context(
@@ -254,8 +257,10 @@ class Backend(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot build interleaved trace contexts")
 
     @abstractmethod
-    def save(self, directory: str | Path) -> None:
-        """Weights (safetensors) + config/tokenizer (JSON) into `directory`."""
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights (safetensors) + config/tokenizer (JSON) into `directory`. `state`: whole weights
+        to write instead of the module's own (gathered from an FSDP2-sharded run; only backends
+        with `supports_sharding` get one)."""
 
     @classmethod
     @abstractmethod

@@ -536,9 +536,11 @@ class HFBackend(Backend):
 
     # persistence -------------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """The standard HF layout (config.json, safetensors, processor files); with LoRA the merged
         weights there (unless `save_merged` is off) and the adapter alone under `adapter/`."""
+        if state is not None:
+            raise ValueError("the HF backend cannot be sharded (no supports_sharding), so it saves its own weights")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         base = unwrap(self.model)
