@@ -35,7 +35,11 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
+    return save_tiny_mini(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def save_tiny_mini(path: Path) -> Path:
+    """A very small mini-backend model (2 layers, d_model 32) saved at `path`."""
     tokenizer = build_tokenizer_for_tasks(["maze"], n_per_task=40)
     MiniBackend.new(tokenizer, seed=0, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=4).save(path)
     return path
@@ -247,34 +251,64 @@ def test_shipped_accelerate_configs_resolve_to_their_engine(name, monkeypatch):
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
         assert zero["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)  # full weights on save
         assert plugin.gradient_accumulation_steps == 1  # accumulation stays with optim.grad_accum
+        assert plugin.zero3_init_flag is False  # weights load whole, partitioned when the engine starts
+        # the training loop accepts this plugin and runs its ZeRO stage (any backend)
+        from types import SimpleNamespace
+
+        from accelerate.utils import DistributedType
+
+        from visual_opsd.distributed import Dist
+
+        fake = SimpleNamespace(process_index=0, num_processes=8, device=torch.device("cpu"),
+                               distributed_type=DistributedType.DEEPSPEED,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+        assert Dist(fake).check_engine(SimpleNamespace(supports_sharding=False)) == f"zero{stage}"
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU"])
-def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
-    """An accelerate FSDP config shards the mini backend (FSDP2); one that cannot be sharded stops at
-    start pointing to ddp.yaml (no silent replication); DeepSpeed is refused for every backend;
-    data-parallel engines run everything unsharded unless shard_weights asks."""
+def _fake_accelerator(engine: str, zero_stage: int = 3, offload: str = "none"):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {
+        "stage": zero_stage, "offload_optimizer": {"device": offload}, "offload_param": {"device": "none"}}})
+    return SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
+                           distributed_type=DistributedType[engine], state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU"])
+def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
+    """An accelerate FSDP config shards the mini backend (FSDP2); one that cannot be sharded by FSDP2
+    stops at start pointing to ZeRO-3 or ddp.yaml (no silent replication); an accelerate DeepSpeed
+    config runs its ZeRO stage for every backend; data-parallel engines run everything unsharded
+    unless shard_weights or deepspeed_stage asks."""
+    from types import SimpleNamespace
+
     from visual_opsd.config import ConfigError
     from visual_opsd.distributed import Dist
 
-    fake = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
-                           distributed_type=DistributedType[engine])
-    dist, backend, unshardable = Dist(fake), MiniBackend.load(tiny_model), SimpleNamespace(supports_sharding=False)
+    dist, backend = Dist(_fake_accelerator(engine)), MiniBackend.load(tiny_model)
+    unshardable = SimpleNamespace(supports_sharding=False)
     assert dist.engine == engine
     if engine == "DEEPSPEED":
-        with pytest.raises(ConfigError, match="DEEPSPEED.*configs/accelerate/fsdp.yaml"):
-            dist.check_engine(backend)
+        assert dist.check_engine(backend) == dist.check_engine(unshardable) == "zero3"
+        assert dist.check_engine(backend, deepspeed_stage=3) == "zero3"
+        with pytest.raises(ConfigError, match="deepspeed_stage=2 contradicts the accelerate config's ZeRO stage 3"):
+            dist.check_engine(backend, deepspeed_stage=2)
+        with pytest.raises(ConfigError, match="both FSDP .* and DeepSpeed ZeRO"):
+            dist.check_engine(backend, shard_weights=True)
+        with pytest.raises(ConfigError, match="offloads \\(offload_optimizer\\).*set the offload devices to none"):
+            Dist(_fake_accelerator(engine, offload="cpu")).check_engine(backend)
         return
-    assert dist.check_engine(backend) is (engine == "FSDP")
-    assert dist.check_engine(backend, shard_weights=True) is True
+    assert dist.check_engine(backend) == ("fsdp" if engine == "FSDP" else "torch")
+    assert dist.check_engine(backend, shard_weights=True) == "fsdp"
     if engine != "FSDP":
-        assert dist.check_engine(unshardable) is False
+        assert dist.check_engine(unshardable) == "torch"
+        for stage in (1, 2, 3):
+            assert dist.check_engine(unshardable, deepspeed_stage=stage) == f"zero{stage}"
+        assert Dist(None).check_engine(backend, deepspeed_stage=3) == "torch"  # one process: nothing to split
     for ask in (False, True) if engine == "FSDP" else (True,):
-        with pytest.raises(ConfigError, match="SimpleNamespace backend .* configs/accelerate/ddp.yaml"):
+        with pytest.raises(ConfigError, match="SimpleNamespace backend .*deepspeed_zero3.yaml.* or data parallel"):
             dist.check_engine(unshardable, shard_weights=ask)
 
 

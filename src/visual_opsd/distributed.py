@@ -28,6 +28,9 @@ decode different numbers of tokens issue no collectives; FSDP reduce-scatters th
 average over ranks: the loss is scaled by the world size to keep the sum rule above); checkpoints
 gather full tensors (`full_tensor`) on every rank and rank 0 writes them, in the same format as
 unsharded runs.
+
+DeepSpeed ZeRO (`deepspeed_stage`, or an accelerate DeepSpeed config) runs over the same process
+group; its engine owns the backward, the reduction and the step (`engines.py`).
 """
 
 from __future__ import annotations
@@ -69,26 +72,53 @@ class Dist:
         """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ..."""
         return "NO" if self.accelerator is None else str(self.accelerator.distributed_type).split(".")[-1]
 
-    def check_engine(self, backend: Any, shard_weights: bool = False) -> bool:
-        """Whether this run shards the weights (FSDP2): asked for by `shard_weights` or an accelerate
-        FSDP config. Refuses DeepSpeed, and sharding for backends that cannot be sharded, rather than
-        silently replicating."""
+    def check_engine(self, backend: Any, shard_weights: bool = False, deepspeed_stage: int | None = None) -> str:
+        """The engine of this run (`engines.py`): "torch" (one process, or data parallel), "fsdp"
+        (FSDP2; asked for by `shard_weights` or an accelerate FSDP config) or "zero1".."zero3"
+        (DeepSpeed; asked for by `deepspeed_stage` or an accelerate DeepSpeed config, whose ZeRO stage
+        it takes). Refuses contradictions, and FSDP for backends that cannot be sharded, rather than
+        silently replicating. With one process nothing is sharded: "torch"."""
         from visual_opsd.config import ConfigError
 
+        stage = deepspeed_stage
         if self.engine == "DEEPSPEED":
-            raise ConfigError(
-                "accelerate config uses DEEPSPEED, which visual-opsd train does not drive (its backends call the "
-                "network several times per step outside one engine forward); use configs/accelerate/fsdp.yaml "
-                "(FSDP2, the same memory savings as ZeRO-3) or ddp.yaml (docs/scale.md)"
-            )
+            plugin = self.accelerator.state.deepspeed_plugin
+            if stage is not None and stage != plugin.zero_stage:
+                raise ConfigError(f"deepspeed_stage={stage} contradicts the accelerate config's ZeRO stage "
+                                  f"{plugin.zero_stage}; drop one")
+            stage = plugin.zero_stage
+            zero = plugin.deepspeed_config.get("zero_optimization", {})
+            offload = [k for k in ("offload_optimizer", "offload_param")
+                       if str(zero.get(k, {}).get("device", "none")) not in ("none", "None")]
+            if offload:
+                raise ConfigError(f"the accelerate DeepSpeed config offloads ({', '.join(offload)}), which visual-opsd "
+                                  "train does not support (it steps torch's AdamW on the accelerator); set the "
+                                  "offload devices to none (configs/accelerate/deepspeed_zero3.yaml)")
+        if stage is not None:
+            if shard_weights or self.engine == "FSDP":
+                raise ConfigError("both FSDP (shard_weights or an accelerate FSDP config) and DeepSpeed ZeRO were "
+                                  "asked for; choose one (docs/scale.md)")
+            if stage not in (1, 2, 3):
+                raise ConfigError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}")
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError:
+                raise ConfigError("DeepSpeed ZeRO was asked for but deepspeed is not installed: "
+                                  "pip install 'visual-opsd[deepspeed]'") from None
+            return f"zero{stage}" if self.world > 1 else "torch"
         shard = shard_weights or self.engine == "FSDP"
         if shard and not backend.supports_sharding:
             raise ConfigError(
                 f"sharded training (FSDP) was asked for, but the {type(backend).__name__} backend calls parts of its "
-                "network outside the root module's forward and cannot be sharded; use configs/accelerate/ddp.yaml "
-                "(data parallel) for it (docs/scale.md)"
+                "network outside the root module's forward and cannot be sharded by FSDP2; use DeepSpeed ZeRO-3 "
+                "(configs/accelerate/deepspeed_zero3.yaml) or data parallel (ddp.yaml) for it (docs/scale.md)"
             )
-        return shard and self.world > 1
+        return "fsdp" if shard and self.world > 1 else "torch"
+
+    @property
+    def precision(self) -> str:
+        """accelerate's mixed precision: no, bf16 or fp16."""
+        return "no" if self.accelerator is None else str(self.accelerator.mixed_precision)
 
     def shard_model(self, model: nn.Module) -> None:
         """FSDP2 over all ranks: one unit per decoder layer (every `layers` ModuleList's items), one

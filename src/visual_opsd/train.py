@@ -23,7 +23,8 @@ of step s replays steps s+1.. exactly as an uninterrupted run would.
 Scale-out: the same command runs under `accelerate launch` with N processes (`distributed.py`):
 each rank rolls out its shard of the step's prompts, the loss is normalised by the token count of
 the whole step over all ranks and the gradients are summed, so the update does not depend on N or
-on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N). docs/scale.md.
+on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N). FSDP2 and DeepSpeed
+ZeRO-1/2/3 hold the weights sharded (`engines.py`); docs/scale.md.
 
 Reliability (docs/failure-modes.md): checkpoints are atomic with a checksum manifest (a corrupt
 last/ falls back to last.prev/); a step with a non-finite loss or gradient is skipped and logged
@@ -54,7 +55,8 @@ from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.budget import LimitsConfig, check_budget
 from visual_opsd.checkpoint import CheckpointError, atomic_dir, remove_stale_temporaries, resolve_checkpoint
 from visual_opsd.config import ConfigError, to_dict
-from visual_opsd.distributed import Dist, full_state_dict, full_tensor, is_sharded, like_param, unshard
+from visual_opsd.distributed import Dist
+from visual_opsd.engines import TorchEngine, ZeroEngine
 from visual_opsd.errors import TrainingAborted
 from visual_opsd.faults import DUMP_ENV, armed, dump_gradients, maybe_kill
 from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
@@ -177,12 +179,19 @@ class TrainConfig:
         metadata={"help": "FSDP2: shard weights, gradients and optimizer state over the processes (on by itself "
                           "under an accelerate FSDP config; the way to ask for it on CPU, where accelerate cannot)"},
     )
+    deepspeed_stage: int | None = field(
+        default=None,
+        metadata={"help": "DeepSpeed ZeRO stage 1, 2 or 3 over the processes (taken from an accelerate DeepSpeed "
+                          "config by itself; the way to ask for it on CPU, where accelerate cannot); null: off"},
+    )
 
     def __post_init__(self) -> None:
         if self.threads < 1 or self.save_every < 1:
             raise ValueError("threads and save_every must be >= 1")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ValueError(f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
+        if self.deepspeed_stage not in (None, 1, 2, 3):
+            raise ValueError(f"deepspeed_stage must be 1, 2, 3 or null, got {self.deepspeed_stage}")
 
 
 @contextmanager
@@ -251,10 +260,10 @@ def distill_loss(
     with timed(times, "teacher"), teacher.weights():
         t = backend.score(teacher_ctx, rollout.ids, output=output)
         # the teacher swaps storages by pointer: a detached view taken here keeps the teacher's head
-        # storage after the block ends (no copy: ~1 GiB for a 7B model's head in bf16); FSDP2 frees
-        # the gathered teacher weights when the block ends, so a sharded run keeps a copy
+        # storage after the block ends (no copy: ~1 GiB for a 7B model's head in bf16); a sharded
+        # run frees the gathered teacher weights when the block ends, so it keeps a copy
         t_head = t.head_weight.detach() if cfg.fused else None
-        if t_head is not None and is_sharded(backend.model):
+        if t_head is not None and teacher.layout.in_place:
             t_head = t_head.clone()
     with timed(times, "update"):
         s = backend.score(student_ctx, rollout.ids, output=output)
@@ -278,7 +287,7 @@ def run_train(cfg: TrainConfig) -> Path:
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     backend = load_backend(resume / "model" if resume else cfg.init_from, cfg.hf, resume=resume is not None,
                            bagel=cfg.backend)
-    sharded = dist.check_engine(backend, cfg.shard_weights)
+    kind = dist.check_engine(backend, cfg.shard_weights, cfg.deepspeed_stage)
     model = backend.model
     task = get_task(cfg.data.task)
     patch = maze_cell_px(backend)
@@ -287,16 +296,16 @@ def run_train(cfg: TrainConfig) -> Path:
     per_rank = prompts_per_rank(cfg.optim, dist.world)
     micro = per_rank // cfg.optim.grad_accum
     check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
-    if sharded:
-        dist.shard_model(model)  # before the teacher's shadow and the optimizer: both follow the shards
-    teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay,
+    # the engine lays the weights out (FSDP2 shards, ZeRO partitions) before the teacher's shadow
+    # is taken, so the shadow follows the same layout
+    engine = (ZeroEngine(dist, model, cfg.optim, int(kind[-1]), micro * cfg.rollout.n, dist.precision)
+              if kind.startswith("zero") else TorchEngine(dist, model, cfg.optim, sharded=kind == "fsdp"))
+    teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay, layout=engine.layout,
                       base_weights=getattr(backend, "adapters_disabled", None))  # LoRA: frozen = adapters off
-    params = [p for p in model.parameters() if p.requires_grad]
-    model_device = params[0].device if params else torch.device("cpu")
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    model_device = engine.params[0].device if engine.params else torch.device("cpu")
     state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": None, "bad_steps": 0}
     if resume:
-        state = {"bad_steps": 0, **load_train_state(resume, opt, teacher)}
+        state = {"bad_steps": 0, **load_train_state(resume, engine, teacher)}
     log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None, enabled=dist.is_main)
     if dist.is_main:
         remove_stale_temporaries(out)  # half-written checkpoints of a killed run (never resumed from)
@@ -306,20 +315,19 @@ def run_train(cfg: TrainConfig) -> Path:
                desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}",
                disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
     if state["step"] == 0 and val:
-        state.update(_validate(backend, task, val, cfg, out, dist, step=0, best=state["best"], log=log))
+        state.update(_validate(backend, engine, task, val, cfg, out, dist, step=0, best=state["best"], log=log))
     for step in bar:
         done = step + 1
         times: dict[str, float] = {}
         lr = lr_at(step, cfg.optim)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        engine.set_lr(lr)
         step_idx = batch_indices(len(train), step, cfg.optim.prompts_per_step, cfg.seed)
         idx = dist.shard(step_idx)  # this rank's contiguous share of the global batch
         gen_sample, gen_vt = step_seed(cfg.seed, step, 0, dist.rank), step_seed(cfg.seed, step, 1, dist.rank)
 
         # 1-2: every rollout of the window first, so the token count is known before any backward
         model.eval()
-        unshard(model)  # FSDP2: gather the weights once, so decoding issues no collectives
+        engine.layout.gather()  # sharded: the weights once, so decoding issues no collectives
         windows = []
         for m in range(cfg.optim.grad_accum):
             samples = [train[i] for i in idx[m * micro : (m + 1) * micro]]
@@ -340,9 +348,9 @@ def run_train(cfg: TrainConfig) -> Path:
 
         # 3-4: teacher and student scoring, backward per micro-batch; gradients summed over ranks
         model.train()
-        opt.zero_grad(set_to_none=True)
+        engine.zero_grad()
         total = 0.0
-        for samples, s_ctx, ro in windows:
+        for m, (samples, s_ctx, ro) in enumerate(windows):
             with timed(times, "teacher"):
                 t_ctx = teacher_contexts(backend, samples, train, cfg.teacher.vt_mode, gen_vt)
             with dist.autocast():
@@ -350,28 +358,22 @@ def run_train(cfg: TrainConfig) -> Path:
             if armed("nan:loss", done):  # fault injection
                 loss = loss * float("nan")
             with timed(times, "update"):
-                # FSDP averages gradients over ranks; the loss rule above wants their sum
-                (loss * dist.world if sharded else loss).backward()
+                engine.backward(loss, last=m == len(windows) - 1)  # the last one reduces over ranks
             total += loss.item()
         with timed(times, "update"):
-            if not sharded:
-                dist.sum_gradients(params)  # (FSDP reduce-scattered them during the backward)
             if os.environ.get(DUMP_ENV):  # test hook: whole gradients (a collective when sharded)
-                grads = [(n, full_tensor(p.grad)) for n, p in model.named_parameters() if p.grad is not None]
+                grads = engine.whole_grads()
                 if dist.is_main:
                     dump_gradients(done, grads)
             if armed("inf:grad", done):  # fault injection
-                next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+                next(p for p in engine.params if p.grad is not None).grad.view(-1)[0] = float("inf")
             total = dist.sum(total)
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
-            finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+            grad_norm, finite = engine.step(loss_finite=math.isfinite(total))
             if finite:
-                opt.step()
                 maybe_kill("optimizer", done)
                 teacher.update()
                 state["bad_steps"] = 0
             else:
-                opt.zero_grad(set_to_none=True)
                 state["bad_steps"] += 1
 
         record: dict[str, Any] = {"step": done, "lr": lr, "loss": total, "grad_norm": float(grad_norm),
@@ -404,13 +406,15 @@ def run_train(cfg: TrainConfig) -> Path:
                     f"(optim.max_bad_steps={cfg.optim.max_bad_steps}); {kept}. Lower optim.lr or check those samples."
                 )
         elif val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
-            state.update(_validate(backend, task, val, cfg, out, dist, step=done, best=state["best"], record=record))
+            state.update(_validate(backend, engine, task, val, cfg, out, dist, step=done, best=state["best"],
+                                   record=record))
         state["step"] = done
         stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
         if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
-            gathered = gather_train_state(model, opt, teacher) if sharded else None  # every rank
-            if dist.is_main:
-                save_train_state(out / "last", backend, opt, teacher, state, gathered)
+            with engine.whole_weights() as weights:  # every rank (collectives when sharded)
+                whole = engine.train_state(teacher, dist.is_main)
+                if whole is not None:
+                    save_train_state(out / "last", backend, weights, whole, state)
             dist.barrier()  # no rank runs ahead of a checkpoint being written
         log.write(record)
         bar.set_postfix(loss=f"{total:.4f}", acc=f"{record.get('rollout/correct', 0):.2f}")
@@ -465,11 +469,11 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step: int, best: float, record=None,
-              log: MetricsLog | None = None):
+def _validate(backend, engine: TorchEngine, task, val, cfg: TrainConfig, out: Path, dist: Dist, step: int,
+              best: float, record=None, log: MetricsLog | None = None):
     """Greedy text-only student accuracy on the validation split, sharded over ranks; rank 0 writes
     best/ on improvement."""
-    unshard(backend.model)  # FSDP2: gathered before decoding (ranks decode different lengths)
+    engine.layout.gather()  # sharded: gathered before decoding (ranks decode different lengths)
     mine = val[dist.rank :: dist.world]
     preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
     correct = dist.sum(sum(task.is_correct(s, p) for s, p in zip(mine, preds, strict=True)))
@@ -481,37 +485,29 @@ def _validate(backend, task, val, cfg: TrainConfig, out: Path, dist: Dist, step:
     result: dict[str, Any] = {}
     if acc > best:
         result = {"best": acc, "best_step": step}
-        whole = full_state_dict(backend.model) if is_sharded(backend.model) else None  # every rank
-        if dist.is_main:
-            with atomic_dir(out / "best", manifest=True) as tmp:
-                backend.save(tmp / "model", state=whole)
-                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
+        with engine.whole_weights() as whole:  # every rank (a collective when sharded)
+            if dist.is_main:
+                with atomic_dir(out / "best", manifest=True) as tmp:
+                    backend.save(tmp / "model", state=whole)
+                    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
     return result
 
 
-def gather_train_state(model: torch.nn.Module, opt: torch.optim.Optimizer, teacher: Teacher) -> dict[str, Any]:
-    """A sharded run's weights, optimizer and teacher state as whole tensors (every rank calls it:
-    FSDP2 all-gathers), in the layout an unsharded run saves, so checkpoints resume anywhere."""
-    optim = opt.state_dict()
-    optim["state"] = {i: {k: full_tensor(v).cpu() for k, v in st.items()} for i, st in optim["state"].items()}
-    return {"model": full_state_dict(model), "optimizer": optim, "teacher": teacher.state_dict()}
-
-
-def save_train_state(path: Path, backend: Backend, opt: torch.optim.Optimizer, teacher: Teacher, state: dict,
-                     gathered: dict[str, Any] | None = None) -> None:
+def save_train_state(path: Path, backend: Backend, weights: dict[str, torch.Tensor] | None, whole: dict[str, Any],
+                     state: dict) -> None:
     """Everything a resume needs, written atomically with a checksum manifest: weights, optimizer,
     teacher, step, best. The checkpoint it replaces is kept as `<path>.prev` (the fallback).
-    `gathered`: a sharded run's whole state (`gather_train_state`)."""
+    `weights`, `whole`: the engine's `whole_weights()` and `train_state` (whole tensors)."""
     with atomic_dir(path, manifest=True, keep_previous=True) as tmp:
-        backend.save(tmp / "model", state=gathered["model"] if gathered else None)
+        backend.save(tmp / "model", state=weights)
         maybe_kill("checkpoint", state["step"])  # fault injection: a half-written checkpoint
-        torch.save(gathered["optimizer"] if gathered else opt.state_dict(), tmp / "optimizer.pt")
-        if teacher.shadow:
-            save_file(gathered["teacher"] if gathered else teacher.state_dict(), str(tmp / "teacher.safetensors"))
+        torch.save(whole["optimizer"], tmp / "optimizer.pt")
+        if whole["teacher"]:
+            save_file(whole["teacher"], str(tmp / "teacher.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_train_state(path: Path, opt: torch.optim.Optimizer, teacher: Teacher) -> dict[str, Any]:
+def load_train_state(path: Path, engine: TorchEngine, teacher: Teacher) -> dict[str, Any]:
     """The optimizer and teacher state and the trainer state of checkpoint `path` (already verified
     against its manifest); anything unreadable is a `CheckpointError` naming the file."""
     state_file = path / "trainer_state.json"
@@ -520,12 +516,7 @@ def load_train_state(path: Path, opt: torch.optim.Optimizer, teacher: Teacher) -
     file = path / "optimizer.pt"
     try:
         # weights_only: tensors and plain containers only, never arbitrary unpickling
-        optim = torch.load(file, weights_only=True)
-        params = [p for group in opt.param_groups for p in group["params"]]
-        for i, st in optim.get("state", {}).items():  # whole tensors -> this rank's shards (FSDP2)
-            if isinstance(i, int) and i < len(params):
-                st.update({k: like_param(v, params[i]) for k, v in st.items() if torch.is_tensor(v) and v.dim()})
-        opt.load_state_dict(optim)
+        engine.load_optimizer(torch.load(file, weights_only=True))  # whole tensors -> this rank's shares
         if teacher.shadow:
             file = path / "teacher.safetensors"
             teacher.load_state_dict(load_file(str(file)))

@@ -1,0 +1,306 @@
+"""How the training loop holds, steps and checkpoints the student's weights, one class per engine.
+
+- `TorchEngine`: torch's AdamW. One process; data parallel (the gradients summed explicitly, see
+  `distributed.py`); or FSDP2 (`shard_weights`, an accelerate FSDP config), where weights,
+  gradients and optimizer state are shards.
+- `ZeroEngine`: DeepSpeed ZeRO stage 1, 2 or 3 (the `deepspeed_stage` key, an accelerate DeepSpeed
+  config). DeepSpeed's engine owns the backward, the gradient reduction, the clipping, the
+  overflow check and the optimizer step; the loop keeps its own forwards (a backend calls its
+  network several times per micro-batch and reads the output head, which `engine(...)` cannot
+  express). Under ZeRO-3 the module hooks that would gather weights submodule by submodule are
+  removed once: the engine gathers all weights explicitly, once before the step's rollouts (ranks
+  that decode different lengths must issue no collectives), and partitions them before the
+  optimizer step. So every backend runs under ZeRO; between steps ZeRO-3 holds 1/N of the
+  weights, during a step all of them (as FSDP2 here).
+
+The loop's contract with an engine, per step: `set_lr`, `layout.gather()` before rollouts,
+`backward(loss, last)` per micro-batch, `whole_grads()` (test hook), `step(loss_finite)` ->
+(gradient norm, applied); for checkpoints `train_state(teacher)` (whole tensors in torch's
+layout, a collective) and `load_optimizer(state)`. Checkpoints are the same files whatever the
+engine, so a run resumes on any engine and any number of processes.
+
+A *layout* says where a parameter's values live on this rank (`local`), how to make them whole
+(`full`) and back (`to_local`), and how to gather and release the weights; the EMA teacher keeps
+its shadow in the same layout (`teacher.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from visual_opsd.distributed import Dist, full_state_dict, full_tensor, is_sharded, like_param, reshard, unshard
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+class Replicated:
+    """Whole weights on every rank (one process, data parallel, ZeRO-1/2): nothing to gather; the
+    teacher swaps its shadow in by pointer."""
+
+    in_place = False  # a pointer swap reaches the module
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        return param
+
+    def full(self, local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def to_local(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`full` as this rank's share, laid out like the share `like`."""
+        return full
+
+    def gather(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class Fsdp2Layout(Replicated):
+    """FSDP2: the registered parameters are DTensor shards between `gather` (unshard every unit)
+    and after `release` (reshard); values are exchanged in the shard storage FSDP gathers from."""
+
+    in_place = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def full(self, local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return full_tensor(local)
+
+    def to_local(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return like_param(full, like)
+
+    def gather(self) -> None:
+        unshard(self.model)
+
+    def release(self) -> None:
+        reshard(self.model)
+
+
+class Zero3Layout(Replicated):
+    """ZeRO-3: each parameter's partition is `param.ds_tensor`, a flat slice of its flattened values
+    (rank r holds elements [r*n, (r+1)*n), the last one zero-padded); `gather` makes every weight
+    whole (deepspeed.zero.GatheredParameters, entered until `release`)."""
+
+    in_place = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = list(model.parameters())
+        self._gathered: contextlib.ExitStack | None = None
+
+    def local(self, param: torch.Tensor) -> torch.Tensor:
+        return param.ds_tensor
+
+    def full(self, local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        parts = local.new_empty(local.numel() * torch_dist.get_world_size())
+        torch_dist.all_gather_into_tensor(parts, local.contiguous())
+        return parts[: param.ds_numel].view(param.ds_shape)
+
+    def to_local(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel()
+        flat = full.reshape(-1).to(like.dtype)
+        start = torch_dist.get_rank() * n
+        out = torch.zeros(n, dtype=flat.dtype, device=like.device)
+        k = max(0, min(n, flat.numel() - start))
+        out[:k] = flat[start : start + k]
+        return out
+
+    def gather(self) -> None:
+        if self._gathered is None:
+            import deepspeed
+
+            stack = contextlib.ExitStack()
+            stack.enter_context(deepspeed.zero.GatheredParameters(self.params))
+            self._gathered = stack
+
+    def release(self) -> None:
+        if self._gathered is not None:
+            stack, self._gathered = self._gathered, None
+            stack.close()
+
+
+class TorchEngine:
+    """torch's AdamW over the trainable parameters; FSDP2 when `sharded` (the model is sharded here)."""
+
+    def __init__(self, dist: Dist, model: nn.Module, optim: Any, sharded: bool) -> None:
+        if sharded:
+            dist.shard_model(model)  # before the teacher's shadow and the optimizer: both follow the shards
+        self.dist, self.model, self.sharded = dist, model, sharded
+        self.layout: Replicated = Fsdp2Layout(model) if sharded else Replicated()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.betas,
+                                           weight_decay=optim.weight_decay)
+        self.grad_clip = optim.grad_clip
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # FSDP averages gradients over ranks; the loop's loss rule (token mean over the global
+        # batch) wants their sum
+        (loss * self.dist.world if self.sharded else loss).backward()
+        if last and not self.sharded:
+            self.dist.sum_gradients(self.params)  # (FSDP reduce-scattered them during the backward)
+
+    def whole_grads(self) -> list[tuple[str, torch.Tensor]]:
+        """Every whole gradient after the last backward (a collective when sharded)."""
+        return [(n, full_tensor(p.grad)) for n, p in self.model.named_parameters() if p.grad is not None]
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Clip, then step when the loss and gradient norm are finite; (norm, applied)."""
+        norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))))
+        applied = loss_finite and math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        else:
+            self.zero_grad()
+        return norm, applied
+
+    def train_state(self, teacher: Any, is_main: bool) -> dict[str, Any] | None:
+        """Optimizer and teacher state as whole tensors in torch's layout, on rank 0 (None elsewhere).
+        Every rank calls it: sharded state is gathered."""
+        if not self.sharded:
+            if not is_main:
+                return None
+            return {"optimizer": self.optimizer.state_dict(), "teacher": teacher.state_dict()}
+        optim = self.optimizer.state_dict()
+        optim["state"] = {i: {k: full_tensor(v).cpu() for k, v in st.items()} for i, st in optim["state"].items()}
+        shadow = teacher.state_dict()
+        return {"optimizer": optim, "teacher": shadow} if is_main else None
+
+    @contextlib.contextmanager
+    def whole_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        """Every rank enters it; within it rank 0 saves the model: `backend.save(dir, state=yielded)`.
+        Yields None when the live model holds the whole weights, else a whole state dict."""
+        yield full_state_dict(self.model) if is_sharded(self.model) else None
+
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        for i, st in state.get("state", {}).items():  # whole tensors -> this rank's shards (FSDP2)
+            if isinstance(i, int) and i < len(self.params):
+                st.update({k: like_param(v, self.params[i]) for k, v in st.items() if torch.is_tensor(v) and v.dim()})
+        self.optimizer.load_state_dict(state)
+
+
+class ZeroEngine(TorchEngine):
+    """DeepSpeed ZeRO-`stage` over the process group accelerate (or torchrun) set up."""
+
+    def __init__(self, dist: Dist, model: nn.Module, optim: Any, stage: int, micro_batch: int,
+                 precision: str = "no") -> None:
+        """`micro_batch`: rows per micro-batch on one rank (DeepSpeed's bookkeeping only)."""
+        if dist.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        super().__init__(dist, model, optim, sharded=False)
+        # torch's layout of the optimizer state, which checkpoints use (DeepSpeed flattens the groups)
+        self.groups = self.optimizer.state_dict()["param_groups"]
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            # DeepSpeed's micro-step counter marks the last micro-batch (its gradients are reduced
+            # and accumulated there); the loop's loss is already normalised over the whole step, so
+            # the backward is not scaled again (scale_wrt_gas=False)
+            "gradient_accumulation_steps": optim.grad_accum,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, as in one process
+            "gradient_clipping": self.grad_clip or 1e30,  # 1e30: never clips, but the norm is computed
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        self.stage, self.grad_accum = stage, optim.grad_accum
+        if stage == 3:
+            # the loop gathers all weights itself (Zero3Layout); the per-submodule fetch/release
+            # hooks would issue collectives per decoded token
+            self.engine.optimizer.parameter_offload.destroy()
+            self.layout = Zero3Layout(model)
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed clears its (partitioned) gradients after every step
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # what `engine(...)` does first, which the loop does not call: marks a new micro-batch (ZeRO-3
+        # then accumulates this backward's gradients onto the previous ones instead of replacing them)
+        self.engine.optimizer.clear_backward_seen_flag()
+        # DeepSpeed averages gradients over ranks: the world-size factor makes it the loop's sum
+        self.engine.backward(loss * self.dist.world, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # not at the boundary: advances the micro-step counter only
+
+    def whole_grads(self) -> list[tuple[str, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_grad
+
+        return [(n, safe_get_full_grad(p)) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        """DeepSpeed clips and steps; it skips a step whose gradients are not finite (a non-finite
+        loss makes them so) on every rank."""
+        self.layout.release()  # ZeRO-3 steps on the partitions
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(self.engine.was_step_applied())
+
+    def _adam_step(self) -> torch.Tensor | None:
+        states = [st for st in self.optimizer.optimizer.state.values() if "step" in st]
+        return states[0]["step"] if states else None
+
+    def train_state(self, teacher: Any, is_main: bool) -> dict[str, Any] | None:
+        """AdamW state gathered from DeepSpeed's partitions (collectives on every rank) in torch's
+        layout, and the teacher's; on rank 0 (None elsewhere)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        step = self._adam_step()
+        if step is not None:
+            for i, p in enumerate(self.params):
+                state[i] = {"step": step.detach().clone().cpu(),
+                            **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE}}
+        groups = [{**g, "lr": self.optimizer.param_groups[0]["lr"]} for g in self.groups]
+        shadow = teacher.state_dict()
+        if not is_main:
+            return None
+        return {"optimizer": {"state": state, "param_groups": groups}, "teacher": shadow}
+
+    @contextlib.contextmanager
+    def whole_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        # the live model holds the whole weights (ZeRO-3: while gathered). Under bf16 these are the
+        # bf16 weights: DeepSpeed's fp32 master copy is rebuilt from them on resume
+        self.layout.gather()
+        yield None
+
+    def load_optimizer(self, state: dict[str, Any]) -> None:
+        """AdamW state of a checkpoint (torch's layout, whole tensors) into DeepSpeed's partitions.
+        DeepSpeed creates its optimizer state at the first step, so a step at lr 0 on zero
+        gradients comes first: it leaves the weights unchanged and creates zero states."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        saved = {i: st for i, st in state.get("state", {}).items() if isinstance(i, int) and i < len(self.params)}
+        if not saved:
+            return
+        self.set_lr(0.0)
+        self.layout.gather()
+        for m in range(self.grad_accum):
+            self.backward(sum((p * 0).sum() for p in self.params), last=m == self.grad_accum - 1)
+        self.step(loss_finite=True)
+        step = max(float(st["step"]) for st in saved.values())
+        for st in self.optimizer.optimizer.state.values():
+            st["step"] = torch.as_tensor(step, dtype=st["step"].dtype) if torch.is_tensor(st["step"]) else step
+        for i, st in saved.items():
+            for k in ADAM_STATE:
+                safe_set_full_optimizer_state(self.params[i], st[k], k)

@@ -1,0 +1,125 @@
+"""DeepSpeed ZeRO-1/2/3 under `accelerate launch`: 2 CPU processes (gloo) reproduce 1 process.
+
+The same deterministic set-up as test_distributed.py (rollout.source=data, completions of uneven
+lengths across ranks, 2 ranks x 2 micro-batches vs 1 process x 1 micro-batch of 4). accelerate
+cannot select DeepSpeed on a CPU (`--use_deepspeed` resolves to MULTI_CPU), so the runs ask for it
+with `deepspeed_stage`, the key an accelerate DeepSpeed config sets by itself on GPUs.
+
+DeepSpeed reduces a zero gradient for a trainable parameter that got none (one process leaves it
+without a gradient, and AdamW skips it): such entries must be exactly zero and their weights equal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import STEPS, launch, max_diff, one_process, overrides, save_tiny_mini, step_rows, weights
+
+from visual_opsd.backends.hf import HFBackend
+from visual_opsd.config import load_config
+from visual_opsd.faults import DUMP_ENV, ENV
+from visual_opsd.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_mini(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, tmp_path_factory):
+    """The reference: one plain process, one micro-batch of 4 prompts per step (gradients dumped)."""
+    return one_process(tiny_model, tmp_path_factory.mktemp("single") / "run")
+
+
+def assert_grads_match(one, two) -> None:
+    """Every step's whole gradients: equal on the parameters one process has a gradient for, and
+    exactly zero on the others."""
+    for step in range(1, STEPS + 1):
+        a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (one, two))
+        assert a and set(a) <= set(b), f"step {step}: gradients missing under ZeRO: {sorted(set(a) - set(b))[:5]}"
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, f"step {step}"
+        assert all(float(b[k].abs().max()) == 0 for k in set(b) - set(a)), f"step {step}"
+
+
+def assert_optimizer_matches(one, two) -> None:
+    opt_a, opt_b = (torch.load(d / "last" / "optimizer.pt", weights_only=True) for d in (one, two))
+    assert opt_a["param_groups"][0]["params"] == opt_b["param_groups"][0]["params"]  # torch's layout
+    assert set(opt_a["state"]) <= set(opt_b["state"])
+    for i, state in opt_a["state"].items():
+        for k, v in state.items():  # whole tensors, not DeepSpeed's flat partitions
+            assert v.shape == opt_b["state"][i][k].shape and float((v - opt_b["state"][i][k]).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stage):
+    """ZeRO-`stage` on 2 processes x 2 micro-batches reproduces one plain process: gradients, losses,
+    gradient norms, and after 3 steps the weights, the EMA teacher (a shadow of partitions under
+    ZeRO-3), the AdamW state and the validation-best model."""
+    out = tmp_path / f"zero{stage}"
+    launch(2, overrides(tiny_model, out, deepspeed_stage=stage, **{"optim.grad_accum": 2}),
+           **{DUMP_ENV: str(out / "grads")})
+    assert_grads_match(single, out)
+    assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert max_diff(weights(single / "best"), weights(out / "best")) < 1e-6
+    assert_optimizer_matches(single, out)
+    for a, b in zip(step_rows(single), step_rows(out), strict=True):
+        assert b["tokens"] == a["tokens"] == sum(b["tokens/per_rank"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
+    written = sorted(p.name for p in out.iterdir())  # rank 0 alone wrote
+    assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
+
+
+def test_zero_checkpoints_resume_on_another_engine(tiny_model, single, tmp_path):
+    """Step 1 under ZeRO-3 on 2 processes, step 2 in one plain process, step 3 under ZeRO-2 on 2
+    processes: the weights, teacher and optimizer state of one uninterrupted process (checkpoints
+    hold whole tensors in torch's layout; DeepSpeed's optimizer state is loaded into its partitions)."""
+    out = tmp_path / "mixed"
+    launch(2, overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
+    run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
+    launch(2, overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
+    assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert_optimizer_matches(single, out)
+    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
+
+
+def test_zero3_skips_a_non_finite_step_on_every_rank(tiny_model, tmp_path, monkeypatch):
+    """A NaN loss on rank 1 alone at step 2: DeepSpeed finds the non-finite gradient norm on every
+    rank and skips the step; the run ends on the weights of one process that skipped step 2."""
+    ref = tmp_path / "single"
+    monkeypatch.setenv(ENV, "nan:loss@2")
+    run_train(load_config(TrainConfig, None, overrides(tiny_model, ref)))
+    monkeypatch.delenv(ENV)
+    out = tmp_path / "zero3"
+    launch(2, overrides(tiny_model, out, deepspeed_stage=3, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
+    rows, ref_rows = step_rows(out), step_rows(ref)
+    assert [r["step"] for r in rows if "skipped" in r] == [2] == [r["step"] for r in ref_rows if "skipped" in r]
+    assert max_diff(weights(ref / "last"), weights(out / "last")) < 1e-6
+
+
+def test_zero3_samples_rollouts_of_different_lengths_without_collectives(tiny_model, tmp_path):
+    """On-policy sampling: each rank decodes its own completions (different lengths) on the weights
+    gathered once per step, so no rank waits on a collective the other never issues."""
+    out = tmp_path / "sample"
+    # an untrained model rarely stops early: long budgets make early stops, so lengths, differ by rank
+    sampling = {"rollout.source": "sample", "rollout.max_new_tokens": 160, "rollout.n": 2, "optim.steps": 2}
+    launch(2, overrides(tiny_model, out, deepspeed_stage=3, **sampling))
+    rows = step_rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] > 0 for r in rows)
+    assert any(a != b for r in rows for a, b in [r["tokens/per_rank"]]), "ranks sampled equal lengths"
+
+
+def test_zero3_runs_the_hugging_face_backend_as_one_process(tmp_path):
+    """ZeRO-3 gathers every weight itself, so the HF backend (which FSDP2 cannot shard: it calls its
+    inner model and output head outside the root forward) runs under it and matches one process."""
+    model = tmp_path / "model"
+    HFBackend.tiny("qwen2_5_vl").save(model)
+    one, two = one_process(model, tmp_path / "one"), tmp_path / "two"
+    launch(2, overrides(model, two, deepspeed_stage=3, **{"optim.grad_accum": 2}), **{DUMP_ENV: str(two / "grads")})
+    assert_grads_match(one, two)
+    assert max_diff(weights(one / "last"), weights(two / "last")) < 1e-6
