@@ -1,9 +1,9 @@
 """DeepSpeed ZeRO-1/2/3 under `accelerate launch`: 2 CPU processes (gloo) reproduce 1 process.
 
 The same deterministic set-up as test_distributed.py (rollout.source=data, completions of uneven
-lengths across ranks, 2 ranks x 2 micro-batches vs 1 process x 1 micro-batch of 4). accelerate
-cannot select DeepSpeed on a CPU (`--use_deepspeed` resolves to MULTI_CPU), so the runs ask for it
-with `deepspeed_stage`, the key an accelerate DeepSpeed config sets by itself on GPUs.
+lengths across ranks, 2 ranks x 2 micro-batches vs 1 process x 1 micro-batch of 4). DeepSpeed comes
+either from a shipped accelerate config (on a CPU accelerate resolves it to MULTI_CPU and passes it
+on in the environment, which the run honours) or from the `deepspeed_stage` key.
 
 DeepSpeed reduces a zero gradient for a trainable parameter that got none (one process leaves it
 without a gradient, and AdamW skips it): such entries must be exactly zero and their weights equal.
@@ -54,14 +54,18 @@ def assert_optimizer_matches(one, two) -> None:
             assert v.shape == opt_b["state"][i][k].shape and float((v - opt_b["state"][i][k]).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stage):
+@pytest.mark.parametrize("stage, config", [(1, None), (2, "deepspeed_zero2.yaml"), (3, "deepspeed_zero3.yaml")])
+def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stage, config):
     """ZeRO-`stage` on 2 processes x 2 micro-batches reproduces one plain process: gradients, losses,
     gradient norms, and after 3 steps the weights, the EMA teacher (a shadow of partitions under
-    ZeRO-3), the AdamW state and the validation-best model."""
+    ZeRO-3), the AdamW state and the validation-best model. ZeRO-2 and ZeRO-3 come from the shipped
+    accelerate configs (on a CPU accelerate resolves them to MULTI_CPU; the run takes the stage from
+    the launcher's environment), ZeRO-1 from the `deepspeed_stage` key."""
     out = tmp_path / f"zero{stage}"
-    launch(2, overrides(tiny_model, out, deepspeed_stage=stage, **{"optim.grad_accum": 2}),
-           **{DUMP_ENV: str(out / "grads")})
+    ask = {} if config else {"deepspeed_stage": stage}
+    proc = launch(2, overrides(tiny_model, out, **ask, **{"optim.grad_accum": 2}), config=config,
+                  **{DUMP_ENV: str(out / "grads")})
+    assert f"train: 2 processes, engine zero{stage}" in proc.stdout
     assert_grads_match(single, out)
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     assert max_diff(weights(single / "best"), weights(out / "best")) < 1e-6

@@ -5,7 +5,7 @@ lengths across ranks, so the only difference between the runs is how the global 
 (2 ranks x 2 micro-batches of 1 prompt vs 1 process x 1 micro-batch of 4). Also: a 2-process
 checkpoint resumed in 1 process, a non-finite loss on one rank skipped on both, and every shipped
 accelerate config resolved by accelerate's own launcher code to the engine it claims, and FSDP2
-(shard_weights=true: accelerate cannot select FSDP on a CPU) matching the same one process.
+(shard_weights=true, or configs/accelerate/fsdp.yaml) matching the same one process.
 """
 
 from __future__ import annotations
@@ -65,11 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, args: list[str], timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd train`."""
+def launch(n: int, args: list[str], timeout: float = 120, config: str | None = None,
+           **env_extra: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd train`,
+    with a shipped accelerate `config` (configs/accelerate/) when given (fp32: --mixed_precision no)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            **env_extra}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+    engine = ["--config_file", str(ROOT / "configs" / "accelerate" / config)] if config else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(n),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "visual_opsd.cli", "train", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -354,12 +357,16 @@ def test_fsdp_shards_the_bagel_backend_as_one_process(tmp_path):
 
 
 def test_fsdp_checkpoint_resumes_unsharded_and_back(tiny_model, single, tmp_path):
-    """Step 1 under FSDP on 2 processes, step 2 in one plain process, step 3 under FSDP again: the
-    same weights as one uninterrupted process (checkpoints hold whole tensors either way)."""
+    """Step 1 under FSDP on 2 processes, step 2 in one plain process, step 3 under FSDP again (from
+    configs/accelerate/fsdp.yaml): the same weights as one uninterrupted process (checkpoints hold
+    whole tensors either way)."""
     out = tmp_path / "mixed"
     launch(2, overrides(tiny_model, out, shard_weights="true", stop_at_step=1))
     run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
-    launch(2, overrides(tiny_model, out, shard_weights="true", resume=out / "last"))
+    # the last part through the shipped FSDP config: on a CPU accelerate resolves it to MULTI_CPU, and
+    # the run still shards, from the launcher's environment
+    proc = launch(2, overrides(tiny_model, out, resume=out / "last"), config="fsdp.yaml")
+    assert "train: 2 processes, engine fsdp" in proc.stdout
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))

@@ -69,8 +69,19 @@ class Dist:
 
     @property
     def engine(self) -> str:
-        """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ..."""
-        return "NO" if self.accelerator is None else str(self.accelerator.distributed_type).split(".")[-1]
+        """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ... On a CPU
+        accelerate resolves FSDP and DeepSpeed configs to MULTI_CPU but still hands them to the
+        workers in the environment: they are honoured, so a shipped config runs as it says (not
+        silently replicated)."""
+        if self.accelerator is None:
+            return "NO"
+        kind = str(self.accelerator.distributed_type).split(".")[-1]
+        if kind == "MULTI_CPU":
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+                return "DEEPSPEED"
+            if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+                return "FSDP"
+        return kind
 
     def check_engine(self, backend: Any, shard_weights: bool = False, deepspeed_stage: int | None = None) -> str:
         """The engine of this run (`engines.py`): "torch" (one process, or data parallel), "fsdp"
@@ -82,7 +93,11 @@ class Dist:
 
         stage = deepspeed_stage
         if self.engine == "DEEPSPEED":
-            plugin = self.accelerator.state.deepspeed_plugin
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if plugin is None:  # a CPU: accelerate built none, the launcher's environment has it all
+                from accelerate.utils import DeepSpeedPlugin
+
+                plugin = DeepSpeedPlugin()
             if stage is not None and stage != plugin.zero_stage:
                 raise ConfigError(f"deepspeed_stage={stage} contradicts the accelerate config's ZeRO stage "
                                   f"{plugin.zero_stage}; drop one")

@@ -177,12 +177,12 @@ class TrainConfig:
     shard_weights: bool = field(
         default=False,
         metadata={"help": "FSDP2: shard weights, gradients and optimizer state over the processes (on by itself "
-                          "under an accelerate FSDP config; the way to ask for it on CPU, where accelerate cannot)"},
+                          "under an accelerate FSDP config; the way to ask for it without one)"},
     )
     deepspeed_stage: int | None = field(
         default=None,
         metadata={"help": "DeepSpeed ZeRO stage 1, 2 or 3 over the processes (taken from an accelerate DeepSpeed "
-                          "config by itself; the way to ask for it on CPU, where accelerate cannot); null: off"},
+                          "config by itself; the way to ask for it without one); null: off"},
     )
 
     def __post_init__(self) -> None:
@@ -302,6 +302,8 @@ def run_train(cfg: TrainConfig) -> Path:
               if kind.startswith("zero") else TorchEngine(dist, model, cfg.optim, sharded=kind == "fsdp"))
     teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay, layout=engine.layout,
                       base_weights=getattr(backend, "adapters_disabled", None))  # LoRA: frozen = adapters off
+    if dist.is_main and dist.world > 1:
+        print(f"train: {dist.world} processes, engine {kind}", flush=True)
     model_device = engine.params[0].device if engine.params else torch.device("cpu")
     state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": None, "bad_steps": 0}
     if resume:
