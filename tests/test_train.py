@@ -122,4 +122,5 @@ def test_controls_train_and_log(tiny_model, tmp_path, vt_mode):
     for key in ("loss", "tokens", "rollout/length", "rollout/truncated", "rollout/parsable", "time/rollout",
                 "time/teacher", "time/update"):
         assert key in step_rows[-1]
+    assert 0 < step_rows[-1]["memory/rss_gib"] <= step_rows[-1]["memory/peak_rss_gib"] < 64  # GiB, right unit
     assert "val/accuracy" in step_rows[-1] and rows[0]["step"] == 0 and "val/accuracy" in rows[0]

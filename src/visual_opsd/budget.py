@@ -113,6 +113,23 @@ def check_budget(cfg: Any, backend: Any, samples: list, rows: int) -> None:
             )
 
 
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """This process's memory for the metrics: resident set now and its peak so far (host) and, on a
+    GPU, the CUDA allocator's now and peak."""
+    import resource
+    import sys
+
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"memory/rss_gib": psutil.Process().memory_info().rss / GIB,
+           "memory/peak_rss_gib": peak / (GIB if sys.platform == "darwin" else 1024**2)}
+    if device.type == "cuda":
+        out["memory/cuda_gib"] = torch.cuda.memory_allocated(device) / GIB
+        out["memory/peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    return out
+
+
 def _size(n_bytes: float) -> str:
     """Bytes in the largest unit that keeps 3 significant digits readable (KiB .. GiB)."""
     for unit, scale in (("GiB", GIB), ("MiB", 1024**2)):

@@ -178,6 +178,14 @@ class Dist:
     def sum(self, x: float) -> float:
         return float(self.all_reduce(torch.tensor(float(x), dtype=torch.float64, device=self.device)))
 
+    def max_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Largest value over ranks of each value (keys must be the same on every rank)."""
+        if not self._active():
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.all_reduce(t, op="max").tolist(), strict=True))
+
     def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of each value (keys must be the same on every rank)."""
         if not self._active():

@@ -52,7 +52,7 @@ from visual_opsd.backends import load_backend, maze_cell_px
 from visual_opsd.backends.bagel import BagelLoadOptions
 from visual_opsd.backends.base import Backend, Context
 from visual_opsd.backends.hf_config import HFOptions
-from visual_opsd.budget import LimitsConfig, check_budget
+from visual_opsd.budget import LimitsConfig, check_budget, memory_gib
 from visual_opsd.checkpoint import CheckpointError, atomic_dir, remove_stale_temporaries, resolve_checkpoint
 from visual_opsd.config import ConfigError, to_dict
 from visual_opsd.distributed import Dist
@@ -387,6 +387,7 @@ def run_train(cfg: TrainConfig) -> Path:
             for k, v in ro.stats(task).items():
                 stats[k] = stats.get(k, 0.0) + v / len(windows)
         record.update(dist.mean_dict(stats))  # equal shards: the mean of rank means is the global mean
+        record.update(dist.max_dict(memory_gib(model_device)))  # the fullest rank, after the step
         record.update({f"time/{k}": v for k, v in times.items()})
         if not finite:
             # the weights are still those of the last good step: log, and save below as usual (a
