@@ -258,22 +258,20 @@ def test_shipped_accelerate_configs_resolve_to_their_engine(name, monkeypatch):
         # the training loop accepts this plugin and runs its ZeRO stage (any backend)
         from types import SimpleNamespace
 
-        from accelerate.utils import DistributedType
-
         from visual_opsd.distributed import Dist
 
-        fake = SimpleNamespace(process_index=0, num_processes=8, device=torch.device("cpu"),
-                               distributed_type=DistributedType.DEEPSPEED,
-                               state=SimpleNamespace(deepspeed_plugin=plugin))
-        assert Dist(fake).check_engine(SimpleNamespace(supports_sharding=False)) == f"zero{stage}"
+        dist = Dist(_fake_accelerator("DEEPSPEED", plugin=plugin))
+        assert dist.check_engine(SimpleNamespace(supports_sharding=False)) == f"zero{stage}"
 
 
-def _fake_accelerator(engine: str, zero_stage: int = 3, offload: str = "none"):
+def _fake_accelerator(engine: str, zero_stage: int = 3, offload: str = "none", plugin=None):
+    """What `Dist` reads of an accelerate Accelerator of 2 processes with this distributed type (and,
+    for DeepSpeed, this plugin, or one with `zero_stage` and `offload`)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {
+    plugin = plugin or SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {
         "stage": zero_stage, "offload_optimizer": {"device": offload}, "offload_param": {"device": "none"}}})
     return SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
                            distributed_type=DistributedType[engine], state=SimpleNamespace(deepspeed_plugin=plugin))
