@@ -115,7 +115,7 @@ def test_zero3_samples_rollouts_of_different_lengths_without_collectives(tiny_mo
     launch(2, overrides(tiny_model, out, deepspeed_stage=3, **sampling))
     rows = step_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] > 0 for r in rows)
-    assert any(a != b for r in rows for a, b in [r["tokens/per_rank"]]), "ranks sampled equal lengths"
+    assert any(len(set(r["tokens/per_rank"])) > 1 for r in rows), "ranks sampled equal lengths"
 
 
 def test_zero3_runs_the_hugging_face_backend_as_one_process(tmp_path):

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from visual_opsd.distributed import Dist, full_state_dict, full_tensor, is_sharded, like_param, reshard, unshard
+from visual_opsd.distributed import Dist, full_state_dict, full_tensor, like_param, reshard, unshard
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
@@ -186,7 +186,7 @@ class TorchEngine:
     def whole_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:
         """Every rank enters it; within it rank 0 saves the model: `backend.save(dir, state=yielded)`.
         Yields None when the live model holds the whole weights, else a whole state dict."""
-        yield full_state_dict(self.model) if is_sharded(self.model) else None
+        yield full_state_dict(self.model) if self.sharded else None
 
     def load_optimizer(self, state: dict[str, Any]) -> None:
         for i, st in state.get("state", {}).items():  # whole tensors -> this rank's shards (FSDP2)
@@ -223,7 +223,7 @@ class ZeroEngine(TorchEngine):
             "steps_per_print": 2**31 - 1,
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
-        self.stage, self.grad_accum = stage, optim.grad_accum
+        self.grad_accum = optim.grad_accum
         if stage == 3:
             # the loop gathers all weights itself (Zero3Layout); the per-submodule fetch/release
             # hooks would issue collectives per decoded token
