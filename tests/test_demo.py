@@ -6,23 +6,42 @@ from __future__ import annotations
 import json
 
 from visual_opsd.cli import main
-from visual_opsd.demo import SYSTEMS
+from visual_opsd.demo import PRIVILEGED, SYSTEMS
 
 
 def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["systems"]) == {name for name, _, _ in SYSTEMS}
+    # the privileged-context evaluation is the premise's, not a system one can deploy
+    assert set(report["systems"]) == {name for name, _, _ in SYSTEMS} - {PRIVILEGED}
+    premise = report["premise"]
+    assert set(premise) >= {"interleaved", "text_only", "teacher_context", "k_pre"}
+    for mode, name in (("interleaved", "teacher_interleaved"), ("text_only", "teacher_text_only")):
+        assert premise[mode]["accuracy"] == report["systems"][name]["tasks"]["maze"]["accuracy"]
+    for mode in ("interleaved", "text_only", "teacher_context"):
+        r = premise[mode]
+        assert r["n"] == 8 and sum(b["n"] for b in r["by_size"].values()) == 8
+        assert 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 100
+    assert premise["k_pre"] == report["kl"]["closure"]["k_pre"]
+    names = [t["name"] for t in report["targets"]]
+    assert len(names) == 7 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert "## The premise" in (out / "report.md").read_text() and "## Targets" in (out / "report.md").read_text()
     for system in report["systems"].values():
         assert {"accuracy", "latency_s", "tokens", "tasks"} <= set(system)
         maze = system["tasks"]["maze"]
         assert 0 <= maze["ci95"][0] <= maze["accuracy"] <= maze["ci95"][1] <= 100 and maze["n"] == 8
         assert system["latency_s"] > 0 and system["tokens"] >= 1
     assert set(report["interventions"]) == {"interleaved", "text_only", "noise", "shuffled", "oracle"}
-    kl = report["kl"]
-    assert kl["pre"] >= 0 and set(kl["post"]) == set(kl["closure"]) == {"opsd", "opsd_noise"}
-    assert {"data", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval"} <= set(report["timing_s"])
+    kl = report["kl"]  # both gap closures, identical tokens (the data's traces) the headline
+    assert kl["headline"] == "closure"
+    for key, completions in (("closure", "data"), ("closure_student_samples", "student")):
+        entry = kl[key]
+        assert entry["completions"] == completions and entry["teacher_side"] == "base" and entry["k_pre"] >= 0
+        assert set(entry["k_post"]) == set(entry["per_model"]) == {"opsd", "opsd_noise"}
+    assert kl["closure"]["same_tokens"] is True
+    stages = {"data", "pretrain", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval"}
+    assert stages <= set(report["timing_s"])
     for name in ("report.md", "pareto.png", "training_curves.png", "eval/records/opsd_maze.jsonl", "eval/results.md"):
         assert (out / name).is_file(), name
     assert "| teacher_interleaved |" in (out / "report.md").read_text()
@@ -30,7 +49,7 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done earlier") == 7 and "| opsd |" in printed
+    assert printed.count("done earlier") == 8 and "| opsd |" in printed
 
 
 def test_demo_stages_use_the_shipped_configs(tmp_path):
@@ -59,7 +78,9 @@ def test_full_preset_resolves_and_unknown_presets_fail(tmp_path):
     from visual_opsd.demo import run_demo, stage_configs
 
     full = stage_configs("full", tmp_path)
-    assert full["sft_teacher"].model.d_model == 192 and full["sft_teacher"].data.sizes == (3, 8)
+    assert full["pretrain"].model.d_model == 192 and full["sft_teacher"].data.sizes == (3, 8)
+    for stage in ("sft_teacher", "sft_text"):  # both start from the pretraining
+        assert full[stage].model.init_from == str(tmp_path / "pretrain" / "final")
     assert full["sft_text"].data.trace == "text_only" and full["opsd_noise"].teacher.vt_mode == "noise"
     assert full["diagnose"].data.sizes == (3, 8)
     with pytest.raises(ValueError, match="unknown demo preset 'huge'"):

@@ -127,7 +127,8 @@ def test_trace_context_replays_the_generation_and_names_the_spans():
         # markers are not text: a completion with an (over-budget) image round in it
         with_markers = completion[:2] + [b.image_start_id, b.image_end_id] + completion[2:]
         marked = trace_spans(b, context, with_markers)["text_after_vt"].tolist()
-        assert marked == [n_ctx + j for j in range(len(with_markers)) if j not in (2, 3)]
+        assert marked == [n_ctx + j for j, i in enumerate(with_markers) if i not in markers]
+        assert len(marked) == len(after)  # the two inserted markers are the ones left out
         assert spans["vt"].tolist() == list(range(*vt)) and spans["input_image"].tolist() == list(range(*image))
         for layer in scores.attentions[0]:  # (H, S, S): every query's distribution over keys sums to 1
             assert torch.allclose(layer.sum(-1), torch.ones(layer.shape[:2]), atol=1e-5)
@@ -228,7 +229,7 @@ def test_kl_scores_the_same_ids_on_both_sides(monkeypatch):
 
     monkeypatch.setattr(MiniBackend, "score", spy)
     kl_diagnostic(b, SAMPLES[:3], max_new_tokens=8, batch_size=2)
-    assert len(seen) == 4  # two batches, teacher then student
+    assert len(seen) == 8  # two sources (data, student) x two batches, teacher then student
     for (t_roles, t_ids), (s_roles, s_ids) in zip(seen[::2], seen[1::2], strict=True):
         assert set(t_roles) == {"teacher"} and set(s_roles) == {"student"}
         assert t_ids is s_ids  # the very same id lists, never re-tokenised
@@ -249,8 +250,8 @@ def test_kl_is_the_defined_quantity(monkeypatch):
     comps.scored = [[j % 3 != 1 for j in range(len(ids))] for ids in comps.ids]  # leave some ids out
     monkeypatch.setattr("visual_opsd.diagnostics.kl.student_completions", lambda *a, **k: comps)
     records: list[dict] = []
-    m = kl_diagnostic(b, samples, max_new_tokens=10, records=records, seed=5)
-    assert [r["ids"] for r in records] == comps.ids
+    m = kl_diagnostic(b, samples, sources=["student"], max_new_tokens=10, records=records, seed=5)
+    assert [r["ids"] for r in records] == comps.ids and {r["measure"] for r in records} == {"student/pre"}
     t_ctx, s_ctx = contexts_for(b, samples)
     per_sample = []
     with torch.no_grad():
@@ -259,9 +260,10 @@ def test_kl_is_the_defined_quantity(monkeypatch):
     for r, flags in enumerate(comps.scored):
         kl = (t[r].exp() * (t[r] - s[r])).sum(-1)[: len(flags)]
         per_sample.append(float(kl[torch.tensor(flags)].mean()))
-    assert m["kl/pre/maze/mean"] == pytest.approx(sum(per_sample) / 3, rel=1e-4)
-    assert m["kl/pre/maze/n"] == 3 and m["kl/pre/maze/tokens"] == sum(map(sum, comps.scored))
-    assert m["kl/pre/maze/mean"] > 1e-3  # far above float32 round-off
+    assert m["kl/student/pre/maze/mean"] == pytest.approx(sum(per_sample) / 3, rel=1e-4)
+    assert m["kl/student/pre/maze/n"] == 3 and m["kl/student/pre/maze/tokens"] == sum(map(sum, comps.scored))
+    assert m["kl/student/pre/maze/mean"] > 1e-3  # far above float32 round-off
+    assert not any(k.startswith("kl/data/") for k in m)  # only the sources asked for
 
 
 def test_kl_sanity_identical_is_exactly_zero_and_swapped_is_the_reverse():
@@ -286,13 +288,122 @@ def test_gap_closure_per_teacher_side():
     with torch.no_grad():
         for p in trained.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    m = kl_diagnostic(base, SAMPLES[:3], post={"same": tiny(0), "trained": trained}, source="data")
+    m = kl_diagnostic(base, SAMPLES[:3], post={"same": tiny(0), "trained": trained}, sources="data")
+    pre = m["kl/data/pre/maze/mean"]
     for side in ("base", "self"):  # identical weights: K_post = K_pre on the same data tokens
-        assert m[f"kl/post/same/teacher={side}/maze/mean"] == pytest.approx(m["kl/pre/maze/mean"], rel=1e-6)
-        assert m[f"kl/closure/same/teacher={side}/maze"] == pytest.approx(0.0, abs=1e-6)
-        k_post = m[f"kl/post/trained/teacher={side}/maze/mean"]
-        assert m[f"kl/closure/trained/teacher={side}/maze"] == pytest.approx(1 - k_post / m["kl/pre/maze/mean"])
-    assert m["kl/post/trained/teacher=base/maze/mean"] != m["kl/post/trained/teacher=self/maze/mean"]
+        assert m[f"kl/data/post/same/teacher={side}/maze/mean"] == pytest.approx(pre, rel=1e-6)
+        assert m[f"kl/data/closure/same/teacher={side}/maze"] == pytest.approx(0.0, abs=1e-6)
+        k_post = m[f"kl/data/post/trained/teacher={side}/maze/mean"]
+        assert m[f"kl/data/closure/trained/teacher={side}/maze"] == pytest.approx(1 - k_post / pre)
+    assert m["kl/data/post/trained/teacher=base/maze/mean"] != m["kl/data/post/trained/teacher=self/maze/mean"]
+
+
+def _trained(seed: int = 0, scale: float = 0.05) -> MiniBackend:
+    """tiny(0) with its weights moved a little: a stand-in for a distilled checkpoint."""
+    b = tiny(0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return b
+
+
+def test_both_sources_in_one_run_and_the_data_closure_is_on_identical_tokens():
+    """Default sources: data (headline) then student, each with K_pre, K_post per teacher side and the
+    closure. Under `data` K_pre and every K_post score the very same ids (the data's traces); under
+    `student` the trained model's own samples differ from the base model's."""
+    base, trained = tiny(0), _trained()
+    records: list[dict] = []
+    m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, max_new_tokens=8, records=records, seed=1)
+    assert m["kl/data/order"] == 0.0 and m["kl/student/order"] == 1.0
+    by_measure: dict[str, list] = {}
+    for r in records:
+        by_measure.setdefault(r["measure"], []).append(r["ids"])
+        assert r["source"] == r["measure"].split("/")[0]
+    assert set(by_measure) == {f"{src}/{m_}" for src in ("data", "student")
+                               for m_ in ("pre", "opsd/teacher=base", "opsd/teacher=self")}
+    traces = [base.encode_completion(s.text_only_completion()) for s in SAMPLES[:3]]
+    for measure in ("data/pre", "data/opsd/teacher=base", "data/opsd/teacher=self"):
+        assert by_measure[measure] == traces  # identical token ids before and after
+    assert m["kl/data/same_tokens"] == 1.0
+    assert by_measure["student/pre"] != by_measure["student/opsd/teacher=base"]  # different samples
+    assert by_measure["student/opsd/teacher=base"] == by_measure["student/opsd/teacher=self"]
+    assert m["kl/student/same_tokens"] == 0.0
+    for src in ("data", "student"):
+        pre = m[f"kl/{src}/pre/maze/mean"]
+        assert pre > 0
+        for side in ("base", "self"):
+            k_post = m[f"kl/{src}/post/opsd/teacher={side}/maze/mean"]
+            assert m[f"kl/{src}/closure/opsd/teacher={side}/maze"] == pytest.approx(1 - k_post / pre)
+    # the data measurement is the same whatever else is measured beside it
+    alone = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources=["data"], seed=1)
+    assert alone["kl/data/closure/opsd/teacher=base/maze"] == m["kl/data/closure/opsd/teacher=base/maze"]
+
+
+def test_report_fields_give_both_closures_with_their_teacher_side():
+    base, trained = tiny(0), _trained()
+    m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, max_new_tokens=8, seed=1)
+    kl = report_fields({"kl": m})["kl"]
+    assert kl["headline"] == "closure"
+    for key, src in (("closure", "data"), ("closure_student_samples", "student")):
+        entry = kl[key]
+        assert entry["completions"] == src and entry["teacher_side"] == "base"
+        assert entry["k_pre"] == m[f"kl/{src}/pre/maze/mean"]
+        assert entry["k_post"] == {"opsd": m[f"kl/{src}/post/opsd/teacher=base/maze/mean"]}
+        assert entry["per_model"] == {"opsd": m[f"kl/{src}/closure/opsd/teacher=base/maze"]}
+    assert kl["closure"]["same_tokens"] is True and kl["closure_student_samples"]["same_tokens"] is False
+    assert kl["closure"]["per_model"] != kl["closure_student_samples"]["per_model"]
+    self_side = report_fields({"kl": m}, teacher_side="self")["kl"]["closure"]
+    assert self_side["teacher_side"] == "self"
+    assert self_side["per_model"] == {"opsd": m["kl/data/closure/opsd/teacher=self/maze"]}
+    with pytest.raises(ValueError, match="teacher_side"):
+        report_fields({"kl": m}, teacher_side="teacher")
+    # the student samples as the headline: kl.closure still holds the identical-token figures
+    flipped = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources=["student", "data"],
+                            max_new_tokens=8, seed=1)
+    kl2 = report_fields({"kl": flipped})["kl"]
+    assert kl2["headline"] == "closure_student_samples" and kl2["closure"]["completions"] == "data"
+    assert kl2["closure"]["per_model"] == kl["closure"]["per_model"]
+    # one source measured: only its entry
+    only = report_fields({"kl": kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources="data")})["kl"]
+    assert set(only) == {"headline", "closure"}
+    assert report_fields({})["kl"] == {}
+
+
+def test_report_md_shows_both_closures_headline_first(tmp_path):
+    from visual_opsd.report import write_report
+
+    base, trained = tiny(0), _trained()
+    for sources in (["data", "student"], ["student", "data"]):
+        m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources=sources, max_new_tokens=8, seed=1)
+        kl = report_fields({"kl": m})["kl"]
+        system = {"accuracy": 50.0, "latency_s": 0.1, "tokens": 10,
+                  "tasks": {"maze": {"accuracy": 50.0, "ci95": [30.0, 70.0], "n": 4, "latency_s": 0.1, "tokens": 10}}}
+        md = write_report({"systems": {"opsd": system}, "kl": kl}, tmp_path / sources[0], {}).read_text()
+        identical, samples = md.index("Closure on identical tokens"), md.index("Closure on student samples")
+        assert (identical < samples) == (sources[0] == "data")
+        assert "(`kl.closure`, headline)" in md if sources[0] == "data" else "(`kl.closure`, beside it)" in md
+        assert md.count("Teacher side: the frozen base model (the SFT teacher) with the data's VTs") == 2
+        for entry in (kl["closure"], kl["closure_student_samples"]):
+            assert f"| opsd | {entry['k_post']['opsd']:.4f} | {100 * entry['per_model']['opsd']:.1f}% |" in md
+
+
+def test_an_invalid_completion_source_is_a_clear_error():
+    from visual_opsd.config import ConfigError, load_config
+    from visual_opsd.diagnostics.run import DiagnoseConfig
+
+    with pytest.raises(ValueError, match=r"unknown completion source 'pixels'; choose from \['data', 'student'\]"):
+        kl_diagnostic(tiny(), SAMPLES[:2], sources=["data", "pixels"])
+    with pytest.raises(ValueError, match="no completion source"):
+        kl_diagnostic(tiny(), SAMPLES[:2], sources=[])
+    with pytest.raises(ValueError, match="repeat"):
+        kl_diagnostic(tiny(), SAMPLES[:2], sources=["data", "data"])
+    for bad in ("[pixels]", "[]", "[data,data]", "data"):
+        with pytest.raises(ConfigError, match="kl"):
+            load_config(DiagnoseConfig, None, [f"kl.sources={bad}"])
+    assert load_config(DiagnoseConfig, None, []).kl.sources == ["data", "student"]
+    with pytest.raises(ConfigError, match="kl.sources"):  # the old key points to the new one
+        load_config(DiagnoseConfig, None, ["kl.source=data"])
 
 
 def test_post_model_names():
@@ -309,7 +420,7 @@ def test_diagnose_help(capsys):
         main(["diagnose", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "{interventions,attention,kl,all}" in out and "--post" in out
-    assert "kl.source" in out
+    assert "kl.sources" in out
 
 
 def test_diagnose_typo_is_a_config_error(capsys):
@@ -332,16 +443,22 @@ def test_diagnose_all_end_to_end(tmp_path, capsys):
             assert (out / f"{what}.{ext}").stat().st_size > 0
     assert (out / "kl_tokens.html").read_text().count("nats'") > 0
     kl = json.loads((out / "kl.json").read_text())
-    assert kl["metrics"]["kl/sanity/passed"] == 1.0 and "kl/closure/opsd/teacher=base/maze" in kl["metrics"]
+    assert kl["metrics"]["kl/sanity/passed"] == 1.0
+    for src in ("data", "student"):  # both sources in one run, the data's traces first
+        assert f"kl/{src}/closure/opsd/teacher=base/maze" in kl["metrics"]
     assert "KL( p_T(. | C_T, y<t) || p_S(. | C_S, y<t) )" in kl["definition"]
     md = (out / "kl.md").read_text()
     assert "| K_post opsd | base + VTs (C_T) | opsd (C_S) |" in md
     assert "| K_post opsd | opsd + VTs (C_T) | opsd (C_S) |" in md
+    assert md.index("## Completions: data (headline)") < md.index("## Completions: student (beside the headline)")
     assert "sum_{k in K} A_l[h, q, k]" in (out / "attention.md").read_text()
     inter = json.loads((out / "interventions.json").read_text())["metrics"]
     assert {k.split("/")[2] for k in inter if k.endswith("/accuracy")} == set(INTERVENTION_MODES)
     assert "diagnose kl:" in capsys.readouterr().out
     fields = report_fields({"interventions": inter, "kl": kl["metrics"]}, teacher_side="self")
     assert set(fields["interventions"]) == set(INTERVENTION_MODES)
-    assert fields["kl"]["pre"] == kl["metrics"]["kl/pre/maze/mean"]
-    assert fields["kl"]["closure"] == {"opsd": kl["metrics"]["kl/closure/opsd/teacher=self/maze"]}
+    assert fields["kl"]["headline"] == "closure"
+    assert fields["kl"]["closure"]["k_pre"] == kl["metrics"]["kl/data/pre/maze/mean"]
+    assert fields["kl"]["closure"]["per_model"] == {"opsd": kl["metrics"]["kl/data/closure/opsd/teacher=self/maze"]}
+    assert fields["kl"]["closure_student_samples"]["per_model"] == {
+        "opsd": kl["metrics"]["kl/student/closure/opsd/teacher=self/maze"]}

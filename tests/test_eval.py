@@ -1,18 +1,24 @@
 """`visual-opsd eval` on a tiny mini model: the files and their shapes, accuracies recounted from the
-per-sample records with the scorers applied independently, VSP maps per level with both rules, the
-demo's evaluation stage through the same code, and clear errors for bad systems and data."""
+per-sample records with the scorers applied independently, per-size and VSP per-level breakdowns,
+batched greedy predictions equal to batch-1 ones, text modes in one round (no image skip) unless
+asked, the teacher-context mode, the demo's evaluation stage through the same code, and clear
+errors for bad systems and data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from visual_opsd import evaluate as ev
+from visual_opsd.backends.base import Decoder
 from visual_opsd.backends.mini import MiniBackend
 from visual_opsd.cli import main
+from visual_opsd.sft import batches, predict
 from visual_opsd.stats import wilson_interval
 from visual_opsd.tasks import get_task
 from visual_opsd.tasks.maze import shortest_path
@@ -21,8 +27,8 @@ from visual_opsd.vsp import read_table, score_strict, score_vsp
 
 VSP_EXAMPLES = Path(__file__).parent / "data" / "vsp-examples"
 FAST = ["--warmup", "1", "--max-new-tokens", "6", "--vt-steps", "2", "--no-progress", "threads=1"]
-TASK_KEYS = {"accuracy", "ci95", "n", "latency_s", "tokens"}
-RECORD_KEYS = {"id", "mode", "prediction", "parsed", "answer", "correct", "latency_s", "tokens"}
+TASK_KEYS = {"accuracy", "ci95", "n", "latency_s", "latency_n", "tokens", "by_size"}
+RECORD_KEYS = {"id", "mode", "prediction", "parsed", "answer", "correct", "latency_s", "tokens", "size"}
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +40,46 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def sharp() -> MiniBackend:
+    """A tiny random model with sharpened weights (matrices x6): unlike the plain tiny one, its greedy
+    answers differ from maze to maze, in content and length, so comparing two decodings means something."""
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer_for_tasks(["maze"], n_per_task=20)
+    # seed 4: its answers vary in every mode (some seeds answer every maze alike in one mode; the tests
+    # below check that they do not, so a vacuous fixture fails loudly rather than passing)
+    backend = MiniBackend.new(tokenizer, seed=4, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=8)
+    with torch.no_grad():
+        for p in backend.model.parameters():
+            if p.dim() >= 2:
+                p.mul_(6.0)
+    return backend
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_summary(entry: dict, records: list[dict]) -> None:
-    """The summary numbers are those of the records, recounted here."""
+def check_accuracy(entry: dict, records: list[dict]) -> None:
     k, n = sum(r["correct"] for r in records), len(records)
     lo, hi = wilson_interval(k, n)
     assert entry["n"] == n and entry["accuracy"] == pytest.approx(100 * k / n)
     assert entry["ci95"] == pytest.approx([100 * lo, 100 * hi])
-    assert entry["latency_s"] == pytest.approx(sum(r["latency_s"] for r in records) / n)
-    assert entry["tokens"] == pytest.approx(sum(r["tokens"] for r in records) / n)
+
+
+def check_summary(entry: dict, records: list[dict]) -> None:
+    """The summary numbers are those of the records, recounted here: accuracy and tokens over all of
+    them, latency over the timed ones, accuracy per maze size."""
+    check_accuracy(entry, records)
+    timed = [r["latency_s"] for r in records if r["latency_s"] is not None]
+    assert entry["latency_n"] == len(timed) >= 1 and all(t > 0 for t in timed)
+    assert entry["latency_s"] == pytest.approx(sum(timed) / len(timed))
+    assert entry["tokens"] == pytest.approx(sum(r["tokens"] for r in records) / len(records))
+    sizes = sorted({r["size"] for r in records})
+    assert list(entry["by_size"]) == [str(size) for size in sizes]
+    for size in sizes:
+        assert set(entry["by_size"][str(size)]) == {"accuracy", "ci95", "n"}
+        check_accuracy(entry["by_size"][str(size)], [r for r in records if r["size"] == size])
 
 
 def test_eval_on_generated_mazes(model, tmp_path, capsys):
@@ -63,13 +97,15 @@ def test_eval_on_generated_mazes(model, tmp_path, capsys):
         records = read_jsonl(out / "records" / f"{name}_maze.jsonl")
         assert [r["id"] for r in records] == list(mazes)  # the held-out test split, as generated
         for r in records:
-            assert RECORD_KEYS <= set(r) and r["mode"] == mode and r["latency_s"] > 0 and r["tokens"] >= 1
+            assert RECORD_KEYS <= set(r) and r["mode"] == mode and r["tokens"] >= 1
+            assert r["size"] == mazes[r["id"]].metadata["size"]
             # the verdict, recomputed from the prediction with the strict scorer on the true map
             assert r["correct"] == score_strict(mazes[r["id"]].metadata["grid"], r["prediction"]).correct
         check_summary(system["tasks"]["maze"], records)
         assert system["accuracy"] == system["tasks"]["maze"]["accuracy"]
     md = (out / "results.md").read_text()
     assert "| fast |" in md and "| slow |" in md and "latency of `slow`" in md  # speed-up vs the interleaved one
+    assert "## Accuracy per maze size" in md and "| fast | maze | " in md and "size 4: acc %" in md
     assert (out / "pareto.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["data"]["sizes"] == [3, 4]
     assert "results:" in capsys.readouterr().out
@@ -106,7 +142,7 @@ def test_eval_on_vsp_maps_per_level(model, tmp_path):
     vsp = system["vsp"]
     assert vsp["rule"] == "strict" and set(vsp["levels"]) == {"3", "4", "5", "6", "7", "8"}
     for block in vsp["levels"].values():
-        assert block["n"] == 1 and set(block) == {"n", "latency_s", "tokens", "strict", "vsp"}
+        assert block["n"] == 1 and set(block) == {"n", "latency_s", "latency_n", "tokens", "strict", "vsp"}
         assert {"accuracy", "ci95"} == set(block["strict"]) == set(block["vsp"])
     assert "## VSP maze maps, per level" in (out / "results.md").read_text()
 
@@ -114,17 +150,19 @@ def test_eval_on_vsp_maps_per_level(model, tmp_path):
 def test_vsp_rules_reported_side_by_side(model, tmp_path, monkeypatch):
     """Scripted answers whose verdicts differ by rule: the per-level and overall numbers of both rules,
     and --rule choosing the headline."""
-    def scripted(backend, samples, mode, *args, **kwargs):
-        (s,) = samples
+    def answer(s) -> str:
         moves = ", ".join(shortest_path(s.metadata["grid"]))
         level = s.metadata["level"]
         if level in (3, 4):
-            return [f"\\boxed{{{moves}}}"]  # strict only
+            return f"\\boxed{{{moves}}}"  # strict only
         if level == 5:
-            return [f"Action plan: {moves}"]  # vsp rule only
+            return f"Action plan: {moves}"  # vsp rule only
         if level == 6:
-            return [f"\\boxed{{{moves}}}\nAction plan: {moves}"]  # both (the plan runs to the end)
-        return ["no idea"]
+            return f"\\boxed{{{moves}}}\nAction plan: {moves}"  # both (the plan runs to the end)
+        return "no idea"
+
+    def scripted(backend, samples, mode, *args, **kwargs):
+        return [answer(s) for s in samples]
 
     monkeypatch.setattr(ev, "predict", scripted)
     out = tmp_path / "rules"
@@ -191,3 +229,143 @@ def test_duplicate_names_missing_systems_and_empty_data(model, tmp_path, capsys)
     assert "data error" in err and "empty" in err
     assert main(["eval", "--system", f"a={model}", "--vsp", str(tmp_path / "empty"), *FAST]) == 2
     assert "not a VSP folder" in capsys.readouterr().err
+
+
+# --- batched accuracy pass, latency sample, image skips, teacher context -----------------------
+
+
+def mazes(n: int, seed: int = 3, sizes: tuple[int, int] = (3, 6)) -> list:
+    return get_task("maze").generate(n, seed=seed, split="test", sizes=sizes, cell_px=4)
+
+
+@pytest.mark.parametrize("mode", ["text", "teacher_context", "given_vt"])
+def test_batched_greedy_predictions_equal_batch_one(sharp, mode):
+    """The accuracy pass decodes left-padded batches of mixed maze sizes; its greedy answers are those of
+    batch size 1. The logits themselves differ by float noise (about 1e-6 on this model, as batched
+    matrix products sum in another order), far below the gaps between top ids, so the argmaxes agree.
+    (`interleaved` draws its VT noise per batch, so its VTs, not its text decoding, depend on the batch.)"""
+    samples = mazes(16)
+    alone = [predict(sharp, [s], mode, max_new_tokens=24)[0] for s in samples]
+    assert len(set(alone)) >= 4 and len({len(a) for a in alone}) >= 3  # answers differ: not vacuous
+    for batch_size in (16, 5):
+        assert predict(sharp, samples, mode, max_new_tokens=24, batch_size=batch_size) == alone
+
+
+def test_batches_group_similar_sizes_and_never_mix_vt_counts():
+    samples = mazes(20)
+    samples[7] = dataclasses.replace(samples[7], vt_images=[])  # a sample without VTs: a batch of its own
+    out = batches(samples, 6)
+    assert sorted(i for b in out for i in b) == list(range(20)) and all(1 <= len(b) <= 6 for b in out)
+    assert [7] in out
+    areas = [samples[i].problem_images[0].width * samples[i].problem_images[0].height for b in out for i in b if i != 7]
+    assert areas == sorted(areas)  # similar context lengths share a batch (little padding)
+
+
+def test_evaluate_batches_accuracy_and_times_evenly_spaced_samples(sharp, monkeypatch):
+    calls: list[int] = []
+    real = ev.predict
+
+    def spy(backend, samples, mode, *args, **kwargs):
+        calls.append(len(samples))
+        return real(backend, samples, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "predict", spy)
+    samples = mazes(10)
+    result = ev.evaluate(sharp, samples, get_task("maze"), "text", max_new_tokens=8, batch_size=4, latency_n=3,
+                         warmup=1, progress=False)
+    assert sum(calls[:-4]) == 10 and max(calls[:-4]) == 4  # the accuracy pass: batches of at most 4
+    assert calls[-4:] == [1, 1, 1, 1]  # one warm-up, then three timed samples at batch size 1
+    timed = [i for i, r in enumerate(result.records) if r["latency_s"] is not None]
+    assert timed == ev.latency_items(10, 3) == [0, 3, 6] and result.latency_n == 3
+    assert result.latency_s == pytest.approx(sum(result.records[i]["latency_s"] for i in timed) / 3)
+    assert [r["prediction"] for r in result.records] == [real(sharp, [s], "text", 8)[0] for s in samples]
+    assert ev.latency_items(4, 16) == [0, 1, 2, 3]  # a short benchmark: every sample timed
+    check_summary(result.summary(), result.records)
+
+
+class _Scripted(Decoder):
+    """Every row emits `script` one id per step, whatever it is fed (an injected id takes a step's place)."""
+
+    def __init__(self, rows: int, script: list[int], vocab: int):
+        self.script, self.vocab, self.k = script, vocab, [0] * rows
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.logits = torch.zeros(len(self.k), self.vocab)
+        for b, k in enumerate(self.k):
+            self.logits[b, self.script[min(k, len(self.script) - 1)]] = 10.0
+
+    def step(self, ids, active):
+        for b in torch.nonzero(active).flatten().tolist():
+            self.k[b] += 1
+        self._refresh()
+
+
+def test_text_mode_ends_at_image_start_unless_skips_are_allowed(model, tmp_path, monkeypatch):
+    """One text round by default (the reference's inferencer): an emitted `<image_start>` ends the answer,
+    which is scored as it stands; --image-skips 1 injects `<image_end>` and decoding goes on."""
+    from visual_opsd.data import write_dataset
+
+    backend = MiniBackend.load(model)
+    (sample,) = mazes(1, sizes=(3, 3))
+    tok = backend.tokenizer
+    right = tok.encode(f"\\boxed{{{', '.join(shortest_path(sample.metadata['grid']))}}}")
+    wrong = tok.encode(" so \\boxed{U}")
+    S, E, filler = backend.image_start_id, backend.image_end_id, tok.encode(" R")[0]
+    script = [*right, S, filler, *wrong, backend.eos_id]  # the filler's step is taken by the injected E
+    monkeypatch.setattr(MiniBackend, "decoder",
+                        lambda self, contexts, n=1, model=None: _Scripted(len(contexts) * n, script, len(tok)))
+    assert predict(backend, [sample], "text") == [backend.decode([*right, S])]
+    assert predict(backend, [sample], "text", image_skips=1) == [backend.decode([*right, S, E, *wrong])]
+
+    write_dataset([sample], tmp_path / "d")
+    for flags, correct in (([], True), (["--image-skips", "1"], False)):
+        out = tmp_path / f"eval{len(flags)}"
+        argv = ["eval", "--system", f"m={model}", "--data", str(tmp_path / "d"), "--out", str(out), *flags, *FAST,
+                "--max-new-tokens", "40"]
+        assert main(argv) == 0
+        (record,) = read_jsonl(out / "records" / "m_maze.jsonl")
+        assert record["correct"] is correct and record["prediction"].count("<image_start>") == 1
+        assert json.loads((out / "config.json").read_text())["image_skips"] == len(flags) // 2
+        assert ("one text round, no image skip" in (out / "results.md").read_text()) is correct
+
+
+def test_teacher_context_system(sharp, tmp_path):
+    """`NAME=DIR:teacher_context`: text-only decoding after the privileged teacher context with the data's
+    VTs, one text round, recomputed here from the backend directly."""
+    sharp.save(tmp_path / "m")
+    out = tmp_path / "eval"
+    argv = ["eval", "--system", f"t={tmp_path / 'm'}:teacher_context", "--system", f"s={tmp_path / 'm'}:text",
+            "--n", "8", "--sizes", "3", "5", "--seed", "5", "--out", str(out), *FAST]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["t"]["mode"] == "teacher_context" and results["t"]["tasks"]["maze"]["n"] == 8
+    samples = mazes(8, seed=5, sizes=(3, 5))
+    contexts = [sharp.build_context(s, role="teacher", vt_mode="data") for s in samples]
+    expected = [c.text for c in sharp.sample(contexts, max_new_tokens=6, temperature=0.0, max_image_skips=0)]
+    teacher = read_jsonl(out / "records" / "t_maze.jsonl")
+    assert [r["prediction"] for r in teacher] == expected and {r["mode"] for r in teacher} == {"teacher_context"}
+    student = [r["prediction"] for r in read_jsonl(out / "records" / "s_maze.jsonl")]
+    assert student != expected  # the VTs in the context change the answers
+    check_summary(results["t"]["tasks"]["maze"], teacher)
+
+
+def test_validation_decodes_one_text_round_by_default(monkeypatch):
+    """SFT and Visual-OPSD validation and `visual-opsd eval` default to no image skip, as the reference;
+    the training rollouts keep their own `rollout.max_image_skips`."""
+    import inspect
+
+    from visual_opsd import train
+    from visual_opsd.sft import EvalConfig
+
+    assert inspect.signature(predict).parameters["image_skips"].default == 0
+    assert EvalConfig().image_skips == 0 and ev.EvaluateConfig().image_skips == 0
+    assert train.TrainEvalConfig().image_skips == 0 and train.RolloutConfig().max_image_skips == 1
+    seen = []
+    monkeypatch.setattr(train, "predict", lambda *a, **k: seen.append(k["image_skips"]) or ["x"] * len(a[1]))
+    engine = SimpleNamespace(layout=SimpleNamespace(gather=lambda: None))
+    dist = SimpleNamespace(rank=0, world=1, sum=lambda x: x, is_main=True)
+    for skips in (0, 2):
+        cfg = SimpleNamespace(eval=train.TrainEvalConfig(image_skips=skips), seed=0)
+        train._validate(None, engine, get_task("maze"), mazes(2), cfg, Path("unused"), dist, step=1, best=2.0)
+    assert seen == [0, 2]

@@ -178,6 +178,26 @@ def test_bfs_path_is_shortest_and_lexicographically_first():
     assert checked > 100
 
 
+def test_random_shortest_paths_are_shortest_varied_and_fixed_per_map():
+    rng = random.Random(1)
+    varied = 0
+    for _ in range(200):
+        grid = random_grid(rng, rng.randint(3, 5), 0.15)
+        every = _all_shortest_paths(grid)
+        if not every:
+            continue
+        s = sample_from_grid(grid, "x", cell_px=4, path="random")
+        assert s.answer.split(",") in every and s.metadata["path"] == s.answer
+        assert sample_from_grid(grid, "y", cell_px=4, path="random").answer == s.answer  # a function of the map
+        varied += s.answer != ",".join(shortest_path(grid))
+        # the VT draws the trace's path and the step lines follow it
+        assert read_path_cells(s.vt_images[0], len(grid), grid) == set(path_cells(grid, s.answer.split(",")))
+        assert s.thoughts[1] in s.text_only_trace
+    assert varied > 20  # ties are common: "first" would give none of these
+    with pytest.raises(ValueError, match="unknown path choice 'best'"):
+        sample_from_grid(["@_", "_*"], "z", path="best")
+
+
 def test_tie_break_documented_example():
     assert shortest_path(["@__", "___", "__*"]) == ["R", "R", "D", "D"]
     assert shortest_path(["__@", "___", "*__"]) == ["L", "L", "D", "D"]
@@ -285,11 +305,12 @@ def test_texts_are_templated_and_whitespace_tokenisable(train):
         assert "\\boxed{R,D,D}" in s.question and f"{s.metadata['size']} x {s.metadata['size']}" in s.question
     s = sample_from_grid(["@__", "_#_", "__*"], "x")
     assert s.answer == "R,R,D,D"
+    # the interleaved trace: the observations, the drawn plan, then the plan's step lines read off it
     assert s.thoughts == [
-        "The elf is at ( 0 , 0 ) and the gift is at ( 2 , 2 ) . "
-        "I will draw a safe path from the elf to the gift on the map .",
-        "Reading the red path from the elf : R to ( 0 , 1 ) , R to ( 0 , 2 ) , D to ( 1 , 2 ) , "
-        "D to ( 2 , 2 ) , which is the gift . No step enters a hole .",
+        "The elf is at ( 0 , 0 ) and the gift is at ( 2 , 2 ) . The holes are at ( 1 , 1 ) . "
+        "I will draw the path on the map .",
+        "Step 1 : R to ( 0 , 1 ) . Step 2 : R to ( 0 , 2 ) . Step 3 : D to ( 1 , 2 ) . "
+        "Step 4 : D to ( 2 , 2 ) , the gift .",
     ]
     assert s.text_only_trace == (
         "The elf is at ( 0 , 0 ) and the gift is at ( 2 , 2 ) . The holes are at ( 1 , 1 ) . "

@@ -1,5 +1,6 @@
-"""The Visual-OPSD loop on a tiny random mini model: exact resume after SIGKILL, split-invariant
-token normalisation, the controls, and the checkpoints it leaves."""
+"""The Visual-OPSD loop on a tiny random mini model: exact resume after SIGKILL, the loss's
+reductions (sequence_mean by hand, split-invariant normalisation for both), the controls, and the
+checkpoints it leaves."""
 
 from __future__ import annotations
 
@@ -16,9 +17,22 @@ import torch
 from safetensors.torch import load_file
 
 from visual_opsd.backends.mini import MiniBackend
-from visual_opsd.config import load_config
+from visual_opsd.config import ConfigError, load_config
+from visual_opsd.faults import DUMP_ENV
+from visual_opsd.losses import generalized_jsd
+from visual_opsd.rollout import Rollout, collect_rollout
+from visual_opsd.tasks import get_task
+from visual_opsd.teacher import Teacher
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
-from visual_opsd.train import TrainConfig, batch_indices, run_train
+from visual_opsd.train import (
+    LossConfig,
+    TrainConfig,
+    batch_indices,
+    distill_loss,
+    loss_normalizer,
+    run_train,
+    teacher_contexts,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -86,26 +100,114 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model, tmp_path):
     assert steps[-1] == 6
 
 
-def test_loss_does_not_depend_on_the_micro_batch_split(tiny_model, tmp_path):
-    """Deterministic mode (completions from the data): 1 x 4 prompts vs 2 x 2 vs 4 x 1 per step give
-    the same loss and gradient norm at every step (normalised by the window's token count)."""
-    logs = []
+def _split_run(model: Path, out: Path, accum: int, reduction: str, fused: bool) -> list[tuple[float, float, int]]:
+    """A 2-step deterministic run (completions from the data) with `accum` micro-batches per step;
+    its gradients are dumped under out/grads. Returns (loss, grad_norm, tokens) per step."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(DUMP_ENV, str(out / "grads"))
+    try:
+        run_train(load_config(TrainConfig, None, overrides(
+            model, out, **{"optim.grad_accum": accum, "optim.steps": 2, "rollout.source": "data",
+                           "loss.top_k": "null", "loss.clip": "null", "optim.lr": 1e-4,
+                           "loss.reduction": reduction, "loss.fused": str(fused).lower()})))
+    finally:
+        mp.undo()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"], r["tokens"]) for r in rows if "lr" in r]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+def test_loss_does_not_depend_on_the_micro_batch_split(tiny_model, tmp_path, reduction, fused):
+    """Deterministic mode (completions from the data, of uneven lengths): 1 x 4 prompts vs 2 x 2 vs
+    4 x 1 per step give the same loss, gradient and gradient norm at every step, for both
+    reductions (normalised by the window's completion / token count) and both loss paths."""
+    logs, grads = [], []
     for accum in (1, 2, 4):
         out = tmp_path / f"acc{accum}"
-        cfg = load_config(TrainConfig, None, overrides(
-            tiny_model, out, **{"optim.grad_accum": accum, "optim.steps": 2, "rollout.source": "data",
-                                "loss.top_k": "null", "loss.clip": "null", "optim.lr": 1e-4}))
-        run_train(cfg)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        logs.append([(r["loss"], r["grad_norm"], r["tokens"]) for r in rows if "lr" in r])
+        logs.append(_split_run(tiny_model, out, accum, reduction, fused))
+        grads.append(load_file(str(out / "grads" / "grads-1.safetensors")))
     assert logs[0][0][0] > 0
-    for other in logs[1:]:
+    for other, other_grads in zip(logs[1:], grads[1:], strict=True):
         for (loss_a, grad_a, tok_a), (loss_b, grad_b, tok_b) in zip(logs[0], other, strict=True):
             assert tok_a == tok_b
             # a wrong normalisation is off by the split factor (2x, 4x); fp32 batching noise on a
             # near-zero JSD between two almost equal distributions stays far below 1e-3
             assert loss_b == pytest.approx(loss_a, rel=1e-3)
             assert grad_b == pytest.approx(grad_a, rel=1e-3)
+        # the whole first-step gradient, tensor by tensor (the same weights before it)
+        assert grads[0].keys() == other_grads.keys()
+        for k, g in grads[0].items():
+            torch.testing.assert_close(other_grads[k], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-12)
+
+
+def test_the_reduction_reaches_the_training_loss(tiny_model, tmp_path):
+    """Completions of uneven lengths: the two reductions give different step losses (the key is
+    wired through), and the default is the paper's sequence_mean."""
+    assert TrainConfig().loss.reduction == "sequence_mean"
+    seq = _split_run(tiny_model, tmp_path / "seq", 2, "sequence_mean", False)
+    tok = _split_run(tiny_model, tmp_path / "tok", 2, "token_mean", False)
+    assert seq[0][2] == tok[0][2]  # the logged token count does not depend on the reduction
+    assert abs(seq[0][0] - tok[0][0]) > 1e-3 * abs(tok[0][0])
+    with pytest.raises(ConfigError, match="reduction"):
+        load_config(TrainConfig, None, ["loss.reduction=mean"])
+
+
+def _uneven_rollout(backend: MiniBackend) -> tuple[list, Rollout]:
+    """The data traces of 4 mazes as completions, with some ids unscored (as injected ids are) and
+    one completion entirely unscored: per-completion token counts differ widely."""
+    samples = get_task("maze").generate(4, seed=1, split="train", sizes=(3, 4), cell_px=4)
+    ctx = [backend.build_context(s, "student") for s in samples]
+    ro = collect_rollout(backend, samples, ctx, source="data")
+    ro.sampled = [[j % (r + 2) != 1 for j in range(len(ids))] for r, ids in enumerate(ro.ids)]
+    ro.sampled[2] = [False] * len(ro.ids[2])
+    ro.ids[3] = ro.ids[3][:5]  # a short one
+    ro.sampled[3] = [True] * 5
+    return samples, ro
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sequence_mean_is_the_mean_over_completions_of_their_token_means(tiny_model, fused):
+    """`distill_loss` with reduction=sequence_mean against a hand-written reference: per-token JSD,
+    the mean over each completion's scored tokens, then the mean over the completions that have
+    any; values and gradients (the logits path and the fused hidden-state path)."""
+    backend = MiniBackend.load(tiny_model)
+    model = backend.model
+    teacher = Teacher(model, "frozen")
+    with torch.no_grad():  # a student away from the teacher, so that the JSD is not ~0
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(prm.numel())))
+    samples, ro = _uneven_rollout(backend)
+    s_ctx = [backend.build_context(s, "student") for s in samples]
+    t_ctx = teacher_contexts(backend, samples, samples, "data", torch.Generator().manual_seed(0))
+    mask = ro.loss_mask(max(len(i) for i in ro.ids))
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    cfg = LossConfig(top_k=16, clip=0.05, fused=fused)
+    assert cfg.reduction == "sequence_mean"
+
+    normalizer = loss_normalizer([mask], cfg.reduction)
+    assert int(normalizer) == 3  # the unscored completion does not count
+    loss = distill_loss(backend, teacher, s_ctx, t_ctx, ro, cfg, normalizer, {})
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    with teacher.weights():
+        t_logits = backend.score(t_ctx, ro.ids).logits
+    s_logits = backend.score(s_ctx, ro.ids).logits
+    per_token = generalized_jsd(s_logits, t_logits, top_k=16, clip=0.05, reduction="none")  # (R, T)
+    means = [per_token[r, mask[r]].mean() for r in range(len(ro.ids)) if mask[r].any()]
+    ref = torch.stack(means).mean()
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * float(r.abs().max()) + 1e-9)
+    # the other reduction is a different number here: the token mean over all scored tokens
+    token_cfg = LossConfig(top_k=16, clip=0.05, fused=fused, reduction="token_mean")
+    token_loss = distill_loss(backend, teacher, s_ctx, t_ctx, ro, token_cfg, loss_normalizer([mask], "token_mean"), {})
+    torch.testing.assert_close(token_loss, per_token[mask].sum() / mask.sum(), rtol=1e-5, atol=1e-7)
+    assert abs(token_loss.item() - ref.item()) > 1e-3 * ref.item()
 
 
 @pytest.mark.parametrize("vt_mode", ["noise", "shuffled", "none"])

@@ -125,6 +125,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of every stage's initialisation, batches and sampling (the data stay the same); "
+                           "docs/miniature.md gives the spread over seeds 0, 1, 2")
     demo.add_argument("--configs", metavar="DIR", help="folder of the *_demo.yaml configs (default: the checkout's)")
     demo.set_defaults(handler=_demo)
 
@@ -215,7 +218,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, Callable[[], tuple]]] = {
     "train": ("Visual-OPSD: on-policy self-distillation from the privileged-VT teacher", _config_train),
     "diagnose": ("diagnostics: VT interventions, attention fractions, KL diagnostic and gap closure",
                  _config_diagnose),
-    "eval": ("evaluate systems on tasks and VSP maps: accuracy with Wilson intervals, latency at batch size 1, tokens",
+    "eval": ("evaluate systems on tasks and VSP maps: accuracy with Wilson intervals (batched, per size), "
+             "latency at batch size 1, tokens",
              _config_eval),
 }
 
@@ -298,7 +302,13 @@ def _add_eval_command(commands, help_text: str, loader: Callable[[], tuple], loa
                      "reported per level with both rules (add --task maze for generated mazes as well)")
     cmd.add_argument("--rule", choices=["strict", "vsp"], help="VSP headline rule; both are reported (default strict)")
     cmd.add_argument("--out", metavar="DIR", help="output folder (default runs/eval)")
+    cmd.add_argument("--batch-size", type=int, metavar="B",
+                     help="rows per decoding batch of the accuracy pass (default 32)")
+    cmd.add_argument("--latency-n", type=int, metavar="N",
+                     help="samples per task timed at batch size 1, evenly spaced (default 16)")
     cmd.add_argument("--warmup", type=int, metavar="K", help="untimed samples before timing (default 2)")
+    cmd.add_argument("--image-skips", type=int, metavar="S", help="text modes: image skips allowed per answer "
+                     "(default 0: one text round, an emitted <image_start> ends the answer)")
     cmd.add_argument("--max-new-tokens", type=int, metavar="M", help="token budget of an answer (default 160)")
     cmd.add_argument("--vt-steps", type=int, metavar="V", help="denoising steps per generated VT (default 50)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -318,6 +328,7 @@ def _eval(args) -> int:
     flags = {"systems": args.system or None, "data.tasks": args.task or None, "data.n": args.n,
              "data.sizes": args.sizes, "data.seed": args.seed, "data.path": args.data, "vsp": args.vsp,
              "rule": args.rule, "out_dir": args.out, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
+             "batch_size": args.batch_size, "latency_n": args.latency_n, "image_skips": args.image_skips,
              "vt_steps": args.vt_steps, "progress": False if args.no_progress else None}
     overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     cls, run = _config_eval()
@@ -344,7 +355,8 @@ def _parse_task_options(items: list[str]) -> dict:
 def _demo(args) -> int:
     from visual_opsd.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs, preset=args.preset)
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs, preset=args.preset,
+             seed=args.seed)
     return 0
 
 

@@ -1,8 +1,12 @@
 """`visual-opsd demo`: the paper's study in miniature, end to end on a CPU.
 
-    data -> SFT teacher (interleaved VTs) -> text-only SFT baseline -> Visual-OPSD (real VTs)
-         -> noise-VT control -> diagnostics (VT interventions, attention, KL pre/post and closure)
-         -> evaluation of every system on held-out test mazes -> report
+    data -> pretraining (the BAGEL analogue: describe a map with a drawn path)
+         -> SFT teacher (ThinkMorph analogue: interleaved + text-only modes) | text-only SFT baseline
+         -> Visual-OPSD (real VTs) | noise-VT control
+         -> diagnostics (VT interventions, attention, KL pre/post and closure)
+         -> evaluation of every system on held-out test mazes -> report (main table, premise, targets)
+
+Stages joined by `|` run side by side, one process of one thread each (docs/miniature.md).
 
 Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
 after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
@@ -22,6 +26,7 @@ from visual_opsd.config import load_config, to_dict
 
 # The full demo runs the shipped configs as they are; `--quick` overrides them down to a smoke test.
 DEMO_CONFIGS = {
+    "pretrain": "sft_pretrain_demo.yaml",
     "sft_teacher": "sft_demo.yaml",
     "sft_text": "sft_text_demo.yaml",
     "opsd": "train_demo.yaml",
@@ -33,7 +38,8 @@ DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "default": {
-        "test": {"n": 100, "sizes": [3, 6], "seed": 2},
+        "test": {"n": 200, "sizes": [3, 6], "seed": 2, "path": "random"},
+        "pretrain": {},
         "sft_teacher": {},
         "sft_text": {},
         "opsd": {},
@@ -41,13 +47,15 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "eval": {"warmup": 2, "max_new_tokens": 160},
     },
     "quick": {
-        "test": {"n": 8, "sizes": [3, 4], "seed": 2},
+        "test": {"n": 8, "sizes": [3, 4], "seed": 2, "path": "random"},
+        # the model's size is the pretraining's; the SFT stages start from it
+        "pretrain": {"optim.steps": 20, "data.n_train": 200, "data.n_val": 4, "data.sizes": [3, 4],
+                     "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "eval.every": 20,
+                     "eval.max_new_tokens": 48},
         "sft_teacher": {"optim.steps": 30, "data.n_train": 200, "data.n_val": 4, "data.sizes": [3, 4],
-                        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "eval.every": 30,
-                        "eval.vt_steps": 5, "eval.max_new_tokens": 48},
+                        "eval.every": 30, "eval.vt_steps": 5, "eval.max_new_tokens": 48},
         "sft_text": {"optim.steps": 30, "data.n_train": 200, "data.n_val": 4,
-                     "data.sizes": [3, 4], "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-                     "eval.every": 30, "eval.max_new_tokens": 48},
+                     "data.sizes": [3, 4], "eval.every": 30, "eval.max_new_tokens": 48},
         "opsd": {"optim.steps": 3, "optim.prompts_per_step": 4, "data.n_train": 50, "data.n_val": 4,
                  "data.sizes": [3, 4], "eval.every": 3, "save_every": 2, "rollout.max_new_tokens": 48,
                  "eval.max_new_tokens": 48},
@@ -59,11 +67,13 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
 }
 # `--preset full`: the same pipeline at the larger CPU scale (configs/sft_cpu_large.yaml's model) on
 # VSP's sizes 3..8, for users with a couple of hours; the default demo's settings otherwise.
-_FULL_SFT = {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "model.d_model": 192,
-             "model.n_layers": 6, "model.n_heads": 6, "optim.steps": 3000, "optim.batch_size": 32,
-             "optim.lr": 2.0e-3, "optim.warmup_steps": 100, "eval.every": 1000, "eval.max_new_tokens": 320}
+_FULL_SFT = {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "optim.steps": 1200,
+             "optim.batch_size": 32, "optim.lr": 2.0e-3, "eval.every": 600, "eval.max_new_tokens": 320}
 PRESETS["full"] = {
-    "test": {"n": 240, "sizes": [3, 8], "seed": 2},
+    "test": {"n": 300, "sizes": [3, 8], "seed": 2, "path": "random"},
+    "pretrain": {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "model.d_model": 192,
+                 "model.n_layers": 6, "model.n_heads": 6, "optim.steps": 3000, "optim.batch_size": 32,
+                 "optim.lr": 2.0e-3, "optim.warmup_steps": 50, "eval.every": 3000, "eval.max_new_tokens": 320},
     "sft_teacher": _FULL_SFT,
     "sft_text": _FULL_SFT,
     "opsd": {"data.sizes": [3, 8], "optim.steps": 240, "eval.every": 40, "rollout.max_new_tokens": 320,
@@ -79,11 +89,18 @@ SYSTEMS = [
     ("text_sft", "sft_text", "text"),
     ("opsd", "opsd", "text"),
     ("opsd_noise", "opsd_noise", "text"),
+    # not a system one can deploy (it is shown the data's VTs): the premise's third row, the ceiling
+    # of the distillation signal
+    ("teacher_privileged", "sft_teacher", "teacher_context"),
 ]
+# report.json's premise: the base model (the SFT teacher) before distillation, by mode
+PRIVILEGED = "teacher_privileged"
+PREMISE = {"interleaved": "teacher_interleaved", "text_only": "teacher_text_only", "teacher_context": PRIVILEGED}
 
 
-def stage_configs(preset: str, out: Path, config_dir: Path = DEFAULT_CONFIG_DIR) -> dict[str, object]:
-    """The resolved config of every stage of `preset` (shipped YAML + preset overrides), writing under `out`."""
+def stage_configs(preset: str, out: Path, config_dir: Path = DEFAULT_CONFIG_DIR, seed: int = 0) -> dict[str, object]:
+    """The resolved config of every stage of `preset` (shipped YAML + preset overrides), writing under `out`;
+    `seed` (when not 0) replaces every stage's seed (initialisation, batches, sampling; not the data's)."""
     from visual_opsd.diagnostics.run import DiagnoseConfig
     from visual_opsd.sft import SFTConfig
     from visual_opsd.train import TrainConfig
@@ -96,14 +113,16 @@ def stage_configs(preset: str, out: Path, config_dir: Path = DEFAULT_CONFIG_DIR)
         )
     p = PRESETS[preset]
     teacher_final = str(out / "sft_teacher" / "final")
+    pretrained = {"model.init_from": str(out / "pretrain" / "final")}  # both SFT stages start from it
 
     def build(stage: str, cls, preset_key: str, **extra) -> object:
-        items = {**p[preset_key], "out_dir": str(out / stage), **extra}
+        items = {**p[preset_key], "out_dir": str(out / stage), **({"seed": seed} if seed else {}), **extra}
         return load_config(cls, config_dir / DEMO_CONFIGS[stage], [f"{k}={json.dumps(v)}" for k, v in items.items()])
 
     return {
-        "sft_teacher": build("sft_teacher", SFTConfig, "sft_teacher"),
-        "sft_text": build("sft_text", SFTConfig, "sft_text"),
+        "pretrain": build("pretrain", SFTConfig, "pretrain"),
+        "sft_teacher": build("sft_teacher", SFTConfig, "sft_teacher", **pretrained),
+        "sft_text": build("sft_text", SFTConfig, "sft_text", **pretrained),
         "opsd": build("opsd", TrainConfig, "opsd", init_from=teacher_final),
         "opsd_noise": build("opsd_noise", TrainConfig, "opsd", init_from=teacher_final, **{"teacher.vt_mode": "noise"}),
         # `post` (the Visual-OPSD checkpoints) is filled in when the stage runs, once they exist
@@ -118,54 +137,57 @@ def run_demo(
     progress: bool = True,
     config_dir: str | Path | None = None,
     preset: str = "default",
+    seed: int = 0,
 ) -> Path:
     """Run (or finish) the whole study under `out` with `preset` (default, quick, full; `quick=True`
     is preset quick); returns the report's path."""
-    from visual_opsd.sft import run_sft
-    from visual_opsd.train import run_train
-
     preset = "quick" if quick else preset
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = stage_configs(preset, out, Path(config_dir) if config_dir else DEFAULT_CONFIG_DIR)
+    configs = stage_configs(preset, out, Path(config_dir) if config_dir else DEFAULT_CONFIG_DIR, seed)
     for cfg in configs.values():
         cfg.progress = progress
     timing: dict[str, float] = _load_json(out / "timing.json")
 
     def train_stage(name: str) -> Callable[[], None]:
-        def run() -> None:
-            cfg = configs[name]
-            last = Path(cfg.out_dir) / "last" / "trainer_state.json"
-            if name.startswith("opsd") and last.is_file():
-                cfg.resume = str(last.parent)  # a previous attempt died mid-training: continue it
-            (run_train if name.startswith("opsd") else run_sft)(cfg)
-        return run
+        return lambda: _train_job(name, configs[name])
 
-    stages: list[tuple[str, Callable[[], None]]] = [
-        ("data", lambda: _make_test_data(out, PRESETS[preset]["test"], configs["sft_teacher"].model.patch_size)),
-        ("sft_teacher", train_stage("sft_teacher")),
-        ("sft_text", train_stage("sft_text")),
-        ("opsd", train_stage("opsd")),
-        ("opsd_noise", train_stage("opsd_noise")),
-        ("diagnose", lambda: _diagnose(out, configs["diagnose"])),
-        ("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress)),
+    # A group of two stages that do not depend on each other runs as two processes of one thread
+    # each: the miniature's matrices are too small to keep two threads of one process busy.
+    stages: list[list[tuple[str, Callable[[], None]]]] = [
+        [("data", lambda: _make_test_data(out, PRESETS[preset]["test"], configs["pretrain"].model.patch_size))],
+        [("pretrain", train_stage("pretrain"))],
+        [("sft_teacher", train_stage("sft_teacher")), ("sft_text", train_stage("sft_text"))],
+        [("opsd", train_stage("opsd")), ("opsd_noise", train_stage("opsd_noise"))],
+        [("diagnose", lambda: _diagnose(out, configs["diagnose"]))],
+        [("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress))],
     ]
     t_start = time.perf_counter()
-    for i, (name, run) in enumerate(stages, 1):
-        marker = out / name / "DONE.json"
-        if marker.is_file():
-            print(f"[{i}/{len(stages)}] {name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
+    for i, group in enumerate(stages, 1):
+        todo = []
+        for name, run in group:
+            if (out / name / "DONE.json").is_file():
+                print(f"[{i}/{len(stages)}] {name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
+            else:
+                todo.append((name, run))
+        if not todo:
             continue
-        print(f"[{i}/{len(stages)}] {name} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
-        t0 = time.perf_counter()
-        run()
-        timing[name] = time.perf_counter() - t0
+        names = " + ".join(name for name, _ in todo)
+        print(f"[{i}/{len(stages)}] {names} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
+        if len(todo) == 1:
+            t0 = time.perf_counter()
+            todo[0][1]()
+            seconds = {todo[0][0]: time.perf_counter() - t0}
+        else:
+            seconds = _run_in_parallel([(name, configs[name]) for name, _ in todo])
+        for name, sec in seconds.items():
+            timing[name] = sec
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "DONE.json").write_text(json.dumps({"seconds": sec}))
+            print(f"[{i}/{len(stages)}] {name}: {sec:.0f} s")
         (out / "timing.json").write_text(json.dumps(timing, indent=2))
-        (out / name).mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"seconds": timing[name]}))
-        print(f"[{i}/{len(stages)}] {name}: {timing[name]:.0f} s")
     report_path = _write_report(out, configs, timing)
     print()
     print((out / "report.md").read_text().split("## VT interventions")[0].split("## KL")[0].split("## Stage")[0])
@@ -173,12 +195,53 @@ def run_demo(
     return report_path
 
 
+def _train_job(name: str, cfg) -> float:
+    """Run (or finish) one training stage; returns its wall time. Visual-OPSD stages that died resume
+    from their `last/`."""
+    from visual_opsd.sft import run_sft
+    from visual_opsd.train import run_train
+
+    t0 = time.perf_counter()
+    last = Path(cfg.out_dir) / "last" / "trainer_state.json"
+    if name.startswith("opsd") and last.is_file():
+        cfg.resume = str(last.parent)  # a previous attempt died mid-training: continue it
+    (run_train if name.startswith("opsd") else run_sft)(cfg)
+    return time.perf_counter() - t0
+
+
+def _job_entry(name: str, cfg, results) -> None:
+    results[name] = _train_job(name, cfg)
+
+
+def _run_in_parallel(jobs: list[tuple[str, object]]) -> dict[str, float]:
+    """Training stages as concurrent processes of one thread each (spawned: no forked torch state);
+    their progress bars are off, each prints its own summary line. Fails when any of them fails."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = []
+        for name, cfg in jobs:
+            cfg.threads, cfg.progress = 1, False
+            procs.append((name, ctx.Process(target=_job_entry, args=(name, cfg, results), name=name)))
+        for _, p in procs:
+            p.start()
+        for _, p in procs:
+            p.join()
+        failed = [f"{name} (exit code {p.exitcode})" for name, p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"demo stage(s) failed: {', '.join(failed)}; rerun the demo to resume")
+        return dict(results)
+
+
 def _make_test_data(out: Path, test: dict, patch_size: int) -> None:
     from visual_opsd.data import write_dataset
     from visual_opsd.tasks import get_task
 
-    samples = get_task("maze").generate(test["n"], seed=test["seed"], split="test",
-                                        sizes=tuple(test["sizes"]), cell_px=patch_size)
+    # the traces (the KL diagnostic's identical tokens) follow the paths the models were trained on
+    samples = get_task("maze").generate(test["n"], seed=test["seed"], split="test", sizes=tuple(test["sizes"]),
+                                        cell_px=patch_size, path=test.get("path", "first"))
     write_dataset(samples, out / "data" / "test", overwrite=True)
 
 
@@ -223,18 +286,67 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
         name: {"accuracy": r["accuracy"], "latency_s": r["latency_s"], "tokens": r["tokens"],
                # an eval stage cached by an older version stored the maze numbers flat
                "tasks": r.get("tasks") or {"maze": {k: r[k] for k in ("accuracy", "ci95", "n", "latency_s", "tokens")}}}
-        for name, r in results.items()
+        for name, r in results.items() if name != PRIVILEGED  # premise only: it is shown the answer's VTs
     }
     from visual_opsd.diagnostics.run import report_fields
 
     diagnostics = report_fields(_load_json(out / "diagnose" / "results.json"))
-    report = {"systems": systems, "kl": diagnostics["kl"], "interventions": diagnostics["interventions"],
+    premise = premise_of(results, diagnostics["kl"])
+    report = {"systems": systems, "premise": premise, "targets": targets_of(systems, premise, diagnostics["kl"]),
+              "kl": diagnostics["kl"], "interventions": diagnostics["interventions"],
               "timing_s": timing, "configs": {k: to_dict(v) for k, v in configs.items()}}
-    runs = {name: out / name / "metrics.jsonl" for name in configs if name != "diagnose"}
+    runs = {name: out / name / "metrics.jsonl" for name in configs if name not in ("diagnose", "pretrain")}
     notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
              "Latency: batch size 1 after warm-up, whole pipeline per sample, this machine's CPU threads.",
              "Visual-OPSD checkpoints are selected on the validation split, never on test."]
     return write_report(report, out, runs, notes)
+
+
+def premise_of(results: dict, kl: dict) -> dict:
+    """The base model's maze accuracy in its three modes (report.json's `premise`), and K_pre on the
+    data's traces (identical tokens under both contexts) when the diagnostics measured it."""
+    premise: dict = {}
+    for mode, name in PREMISE.items():
+        r = results.get(name, {}).get("tasks", {}).get("maze")
+        if r is not None:
+            premise[mode] = {k: r[k] for k in ("accuracy", "ci95", "n", "by_size") if k in r}
+    closure = kl.get("closure", {})
+    if closure.get("completions") == "data":
+        premise["k_pre"] = closure["k_pre"]
+    return premise
+
+
+def targets_of(systems: dict, premise: dict, kl: dict) -> list[dict]:
+    """The study's targets (the paper's regime and its results, scaled to the miniature), measured."""
+    acc = {name: s["tasks"]["maze"]["accuracy"] for name, s in systems.items() if "maze" in s["tasks"]}
+    out: list[dict] = []
+
+    def add(name: str, value: float | None, target: str, met: bool) -> None:
+        out.append({"name": name, "value": value, "target": target, "met": bool(met)})
+
+    if {"interleaved", "text_only", "teacher_context"} <= premise.keys():
+        inter, text, ctx = (premise[m]["accuracy"] for m in ("interleaved", "text_only", "teacher_context"))
+        ratio = text / inter if inter > 0 else 0.0
+        add("premise: text-only / interleaved (x100)", 100 * ratio, ">= 80", ratio >= 0.8)
+        add("premise: privileged context - interleaved (pp)", ctx - inter, ">= +10", ctx - inter >= 10)
+    if {"opsd", "text_sft", "teacher_interleaved"} <= acc.keys():
+        add("Visual-OPSD - text-only SFT (pp)", acc["opsd"] - acc["text_sft"], ">= +10",
+            acc["opsd"] - acc["text_sft"] >= 10)
+        add("Visual-OPSD - interleaved teacher (pp)", acc["opsd"] - acc["teacher_interleaved"], ">= 0",
+            acc["opsd"] >= acc["teacher_interleaved"])
+    if {"opsd", "opsd_noise", "teacher_text_only"} <= acc.keys():
+        start = acc["teacher_text_only"]  # both controls start from the base model's text-only mode
+        real, noise = acc["opsd"] - start, acc["opsd_noise"] - start
+        # no real-VT gain: the ratio has no meaning and the target is missed
+        add("noise-VT gain / real-VT gain over the start (x100)", 100 * noise / real if real > 0 else None,
+            "<= 25", real > 0 and noise <= real / 4)
+    closure = kl.get("closure", {}).get("per_model", {})
+    if "opsd" in closure:
+        add("KL closure on identical tokens, Visual-OPSD (%)", 100 * closure["opsd"], ">= 40", closure["opsd"] >= 0.4)
+    if "opsd_noise" in closure:
+        add("KL closure on identical tokens, noise control (%)", 100 * closure["opsd_noise"], "<= 10",
+            closure["opsd_noise"] <= 0.1)
+    return out
 
 
 def _load_json(path: Path) -> dict:

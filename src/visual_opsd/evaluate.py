@@ -4,21 +4,34 @@
     visual-opsd eval --system teacher=runs/sft/final:interleaved --system opsd=runs/opsd/best:text --out runs/eval
     visual-opsd eval --system opsd=runs/opsd/best --vsp path/to/vsp/task-main --out runs/eval_vsp
 
-Latency is measured the same way for every system: batch size 1, after `warmup` untimed samples,
-over the whole pipeline of one sample (context building = preprocessing and image encoding,
-decoding, and VT generation where the mode generates VTs). Tokens count the generated answer's ids
-(with the end-of-sequence id).
+Two passes per system and task:
+- accuracy and tokens: greedy predictions of every sample, decoded `batch_size` (32) at a time,
+  left-padded, batches grouped by maze size (`sft.batches`). Batched logits differ from batch-1
+  ones by float noise only (about 1e-6: sums in another order), so greedy answers agree unless two
+  top ids tie that closely (tests/test_eval.py checks equality; 200 of 200 demo-size mazes agreed);
+  interleaved VT noise is drawn per batch, so generated VTs depend on the batch's make-up.
+- latency: `latency_n` (16) samples, evenly spaced over the benchmark (`latency_items`; the first
+  N would be one VSP level), decoded again at batch size 1 after `warmup` untimed samples, timed
+  over the whole pipeline of one sample (context building = preprocessing and image encoding,
+  decoding, and VT generation where the mode generates VTs), the same way for every system.
+Tokens count the generated answer's ids (with the end-of-sequence id).
 
 Modes (how a model is asked, see `sft.predict`):
 - `interleaved`: the unified model generates its own VTs (`vt_steps` denoising steps each);
 - `given_vt`: interleaved, with the ground-truth VT inserted at each `<image_start>` (oracle);
-- `text`: text-only decoding from the student context (image skip at most once);
-- `teacher_context`: text-only decoding after the privileged teacher context.
+- `text`: text-only decoding from the student context, one text round as in the reference's
+  inferencer: an emitted `<image_start>` ends the answer (`image_skips` > 0 allows skips instead);
+- `teacher_context`: text-only decoding after the privileged teacher context (the data's VTs).
 
 A system is `NAME=MODEL_DIR[:MODE]` (mode `text` by default). Outputs under `out_dir`:
-`results.json` ({NAME: {"model", "mode", "accuracy", "latency_s", "tokens", "tasks": {TASK: {"accuracy",
-"ci95", "n", "latency_s", "tokens"}}, "vsp": {...}}}, the shape of report.json's "systems"),
-`records/<system>_<task>.jsonl` (one line per sample), `results.md` (the table) and `pareto.png`.
+`results.json`, the shape of report.json's "systems":
+    {NAME: {"model", "mode", "accuracy", "latency_s", "latency_n", "tokens",
+            "tasks": {TASK: {"accuracy", "ci95", "n", "latency_s", "latency_n", "tokens",
+                             "by_size": {SIZE: {"accuracy", "ci95", "n"}}}},
+            "vsp": {...}}}
+(`by_size` where the samples carry metadata["size"], as mazes and VSP maps do; "vsp": per level, both
+rules), `records/<system>_<task>.jsonl` (one line per sample; latency_s null where untimed),
+`results.md` (the main table, accuracy per size, VSP per level) and `pareto.png`.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from visual_opsd.backends.base import Backend
 from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.config import ConfigError, to_dict
 from visual_opsd.sample import Sample
-from visual_opsd.sft import EvalMode, predict
+from visual_opsd.sft import EvalMode, batches, predict
 from visual_opsd.stats import wilson_interval
 from visual_opsd.tasks.base import Task
 
@@ -46,6 +59,8 @@ MODES: tuple[str, ...] = typing.get_args(EvalMode)
 DEFAULT_MODE = "text"
 VSP = "vsp"  # the benchmark's name in results (a task column of its own)
 RULE_NAMES = ("strict", "vsp")
+# sample metadata copied into each record and broken down per value in results ("by_size": maze size)
+GROUP_KEYS = ("size",)
 
 
 @dataclass
@@ -55,30 +70,60 @@ class EvalResult:
     accuracy: float  # percent
     ci95: tuple[float, float]  # percent, Wilson
     n: int
-    latency_s: float  # mean seconds per sample, batch size 1
-    tokens: float  # mean generated ids per answer
+    latency_s: float | None  # mean seconds per sample over the timed records, batch size 1
+    latency_n: int  # timed records
+    tokens: float  # mean generated ids per answer, all records
     records: list[dict] = field(default_factory=list)  # per sample
+    groups: dict[str, dict[str, dict]] = field(default_factory=dict)  # GROUP_KEYS -> value -> accuracy_block
 
     def summary(self) -> dict:
+        """The result without its records, the groups as `by_<key>` (e.g. by_size)."""
         out = asdict(self)
         out.pop("records")
+        out.pop("groups")
+        out.update({f"by_{key}": blocks for key, blocks in self.groups.items()})
         return out
 
 
 def summarize(records: list[dict], correct: Callable[[dict], bool] = lambda r: r["correct"]) -> dict[str, Any]:
-    """accuracy (percent), ci95 (Wilson, percent), n, mean latency_s and tokens of `records`."""
+    """accuracy (percent), ci95 (Wilson, percent), n, tokens (mean over all records) and latency_s (mean
+    over the timed records, those whose latency_s is not None; None when there are none) with latency_n."""
     n = len(records)
     if n == 0:
         raise ValueError("summarize: no records")
     k = sum(bool(correct(r)) for r in records)
     lo, hi = wilson_interval(k, n)
+    timed = [r["latency_s"] for r in records if r["latency_s"] is not None]
     return {
         "accuracy": 100.0 * k / n,
         "ci95": (100.0 * lo, 100.0 * hi),
         "n": n,
-        "latency_s": sum(r["latency_s"] for r in records) / n,
+        "latency_s": sum(timed) / len(timed) if timed else None,
+        "latency_n": len(timed),
         "tokens": sum(r["tokens"] for r in records) / n,
     }
+
+
+def accuracy_block(records: list[dict]) -> dict[str, Any]:
+    """accuracy (percent), ci95 (Wilson, percent) and n of `records` (a per-size cell)."""
+    out = summarize(records)
+    return {"accuracy": out["accuracy"], "ci95": out["ci95"], "n": out["n"]}
+
+
+def group_by(records: list[dict], key: str, block: Callable[[list[dict]], dict] = accuracy_block) -> dict[str, dict]:
+    """`block` of the records sharing each value of `key` (e.g. size, a VSP level), keyed by the value as
+    a string, in ascending order of the values; records without `key` (or with None) are left out."""
+    values = sorted({r[key] for r in records if r.get(key) is not None})
+    return {str(v): block([r for r in records if r.get(key) == v]) for v in values}
+
+
+def latency_items(n: int, k: int) -> list[int]:
+    """Indices of the `k` items (of `n`) timed at batch size 1: evenly spaced over the benchmark, the
+    first item included (all of them when k >= n). Not the first k: a VSP benchmark is ordered by level,
+    and latency grows with the maze size."""
+    if k >= n:
+        return list(range(n))
+    return sorted({i * n // k for i in range(k)})
 
 
 def evaluate(
@@ -89,34 +134,55 @@ def evaluate(
     *,
     vt_steps: int = 50,
     max_new_tokens: int = 160,
+    batch_size: int = 32,
+    latency_n: int = 16,
     warmup: int = 2,
+    image_skips: int = 0,
     seed: int = 0,
     desc: str | None = None,
     progress: bool = True,
     score: Callable[[Sample, str], dict] | None = None,
 ) -> EvalResult:
-    """Greedy predictions one sample at a time, timed; scored with the task's scorer, or with `score`
-    (sample, prediction) -> record fields including "correct" (e.g. both VSP rules)."""
+    """Accuracy and tokens from greedy predictions of every sample, decoded `batch_size` at a time;
+    latency from `latency_n` samples (`latency_items`) decoded again at batch size 1 after `warmup`
+    untimed ones. Scored with the task's scorer, or with `score` (sample, prediction) -> record fields
+    including "correct" (e.g. both VSP rules). `image_skips`: see `sft.predict` (text modes)."""
     if not samples:
         raise ValueError("evaluate: no samples")
-    with torch.no_grad():
-        for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection
-            predict(backend, [s], mode, max_new_tokens, vt_steps, seed=seed)
+    if batch_size < 1 or latency_n < 1 or warmup < 0 or image_skips < 0:
+        raise ValueError(f"evaluate: batch_size ({batch_size}) and latency_n ({latency_n}) must be >= 1, "
+                         f"warmup ({warmup}) and image_skips ({image_skips}) >= 0")
+
+    def run(chunk: list[Sample]) -> list[str]:
+        return predict(backend, chunk, mode, max_new_tokens, vt_steps, len(chunk), seed, image_skips=image_skips)
+
+    texts = [""] * len(samples)
+    latency: dict[int, float] = {}
+    bar = tqdm(total=len(samples), desc=desc or f"eval {mode}", disable=not progress, dynamic_ncols=True, leave=False)
+    with torch.no_grad(), bar:
+        for idx in batches(samples, batch_size):  # the accuracy pass: batched, greedy
+            for i, text in zip(idx, run([samples[i] for i in idx]), strict=True):
+                texts[i] = text
+            bar.update(len(idx))
+        for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection at batch size 1
+            run([s])
+        for i in latency_items(len(samples), latency_n):  # the latency pass: the whole pipeline, batch size 1
+            t0 = time.perf_counter()
+            run([samples[i]])
+            latency[i] = time.perf_counter() - t0
     records = []
-    for s in tqdm(samples, desc=desc or f"eval {mode}", disable=not progress, dynamic_ncols=True, leave=False):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            (text,) = predict(backend, [s], mode, max_new_tokens, vt_steps, seed=seed)
-        latency = time.perf_counter() - t0
+    for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
         record = {"id": s.id, "mode": mode, "prediction": text, "parsed": task.extract_answer(text),
-                  "answer": s.answer, "latency_s": latency, "tokens": len(backend.encode_completion(text))}
+                  "answer": s.answer, "latency_s": latency.get(i), "tokens": len(backend.encode_completion(text))}
+        record.update({key: s.metadata[key] for key in GROUP_KEYS if key in s.metadata})
         record.update(score(s, text) if score else {"correct": bool(task.is_correct(s, text))})
         records.append(record)
-    return EvalResult(**summarize(records), records=records)
+    groups = {key: blocks for key in GROUP_KEYS if (blocks := group_by(records, key))}
+    return EvalResult(**summarize(records), records=records, groups=groups)
 
 
 def write_records(result: EvalResult, path: str | Path) -> None:
-    """Per-sample JSONL (id, prediction, parsed answer, verdict, latency, tokens)."""
+    """Per-sample JSONL (id, prediction, parsed answer, verdict, latency (null if untimed), tokens, size)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -210,9 +276,7 @@ def vsp_summary(records: list[dict], rule: str) -> dict[str, Any]:
             out[name] = {"accuracy": s["accuracy"], "ci95": s["ci95"]}
         return out
 
-    levels = sorted({r["level"] for r in records})
-    return {"rule": rule, **block(records),
-            "levels": {str(lv): block([r for r in records if r["level"] == lv]) for lv in levels}}
+    return {"rule": rule, **block(records), "levels": group_by(records, "level", block)}
 
 
 def evaluate_systems(
@@ -222,15 +286,18 @@ def evaluate_systems(
     *,
     vt_steps: int = 50,
     max_new_tokens: int = 160,
+    batch_size: int = 32,
+    latency_n: int = 16,
     warmup: int = 2,
+    image_skips: int = 0,
     seed: int = 0,
     progress: bool = True,
     load: Callable[[Path], Backend] | None = None,
 ) -> dict[str, dict]:
     """Every system on every benchmark (`benchmarks(backend)` gives them, e.g. mazes rendered at the
-    backend's cell size); writes `out/records/<system>_<benchmark>.jsonl` and returns results.json's
-    content. A system's accuracy is the mean over its tasks (the paper's "mean" column); its latency
-    and tokens are means over all its samples."""
+    backend's cell size), with `evaluate`'s options; writes `out/records/<system>_<benchmark>.jsonl`
+    and returns results.json's content. A system's accuracy is the mean over its tasks (the paper's
+    "mean" column); its tokens are the mean over all its samples, its latency over all its timed ones."""
     from visual_opsd.backends import load_backend
 
     load = load or load_backend
@@ -246,7 +313,8 @@ def evaluate_systems(
         all_records: list[dict] = []
         for bench in benchmarks(backend):
             result = evaluate(backend, bench.samples, bench.task, system.mode, vt_steps=vt_steps,
-                              max_new_tokens=max_new_tokens, warmup=warmup, seed=seed, progress=progress,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, latency_n=latency_n,
+                              warmup=warmup, image_skips=image_skips, seed=seed, progress=progress,
                               desc=f"eval {system.name} {bench.name}", score=bench.score)
             write_records(result, out / "records" / f"{system.name}_{bench.name}.jsonl")
             entry["tasks"][bench.name] = result.summary()
@@ -258,7 +326,7 @@ def evaluate_systems(
                   f"{result.tokens:.0f} tokens", flush=True)
         pooled = summarize(all_records)
         entry.update(accuracy=sum(t["accuracy"] for t in entry["tasks"].values()) / len(entry["tasks"]),
-                     latency_s=pooled["latency_s"], tokens=pooled["tokens"])
+                     latency_s=pooled["latency_s"], latency_n=pooled["latency_n"], tokens=pooled["tokens"])
         results[system.name] = entry
     return results
 
@@ -273,14 +341,38 @@ def speedup_reference(results: dict[str, dict]) -> str | None:
     return next((n for n, r in results.items() if r.get("mode") in ("interleaved", "given_vt")), None)
 
 
+def _acc_cell(b: dict) -> str:
+    return f"{b['accuracy']:.1f} [{b['ci95'][0]:.1f}, {b['ci95'][1]:.1f}]"
+
+
+def group_markdown(results: dict[str, dict], key: str = "size") -> list[str]:
+    """Lines of the table of accuracy per value of `key` (the tasks' `by_<key>`): a row per system and
+    task, a column per value; empty when no task has the breakdown."""
+    rows = [(name, task, t[f"by_{key}"]) for name, r in results.items() for task, t in r["tasks"].items()
+            if t.get(f"by_{key}")]
+    if not rows:
+        return []
+    values = sorted({v for _, _, blocks in rows for v in blocks}, key=lambda v: (len(v), v))  # "10" after "9"
+    md = [f"| system | task | {' | '.join(f'{key} {v}: acc % [95% CI] (n)' for v in values)} |",
+          "|---|---|" + "---|" * len(values)]
+    for name, task, blocks in rows:
+        cells = [f"{_acc_cell(blocks[v])} ({blocks[v]['n']})" if v in blocks else "-" for v in values]
+        md.append(f"| {name} | {task} | {' | '.join(cells)} |")
+    return md
+
+
 def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str:
-    """results.md: the main table, the VSP table per level (both rules) when run, the systems, notes."""
+    """results.md: the main table, accuracy per maze size, the VSP table per level (both rules) when run,
+    the systems, notes."""
     from visual_opsd.report import main_table
 
     ref = speedup_reference(results)
     md = ["# visual-opsd evaluation", "", main_table({"systems": results}, reference=ref), ""]
     md.append(f"Speed-up: latency of `{ref}` / latency of the system." if ref else
               "Speed-up: no interleaved system to compare with.")
+    per_size = group_markdown(results, "size")
+    if per_size:
+        md += ["", "## Accuracy per maze size", "", *per_size]
     vsp_rows = [(name, r[VSP]) for name, r in results.items() if VSP in r]
     if vsp_rows:
         md += ["", "## VSP maze maps, per level", "",
@@ -288,9 +380,9 @@ def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str
                "|---|---|---|---|---|---|---|"]
         for name, v in vsp_rows:
             for level, b in [*v["levels"].items(), ("all", v)]:
-                cells = [f"{b[rule]['accuracy']:.1f} [{b[rule]['ci95'][0]:.1f}, {b[rule]['ci95'][1]:.1f}]"
-                         for rule in RULE_NAMES]
-                md.append(f"| {name} | {level} | {b['n']} | {cells[0]} | {cells[1]} | {b['latency_s']:.3f} | "
+                cells = [_acc_cell(b[rule]) for rule in RULE_NAMES]
+                latency = "-" if b["latency_s"] is None else f"{b['latency_s']:.3f}"  # no timed map at this level
+                md.append(f"| {name} | {level} | {b['n']} | {cells[0]} | {cells[1]} | {latency} | "
                           f"{b['tokens']:.0f} |")
         md += ["", "strict: the last valid \\boxed{} must end on the goal (ThinkMorph's numbers); vsp: the original "
                "'Action plan:' rule with gym semantics. The vsp column of the main table uses the headline rule ("
@@ -351,7 +443,14 @@ class EvaluateConfig:
         default="strict", metadata={"help": "VSP headline rule (both are reported); --rule"})
     vsp_per_level: int | None = field(
         default=None, metadata={"help": "VSP maps per level, the first by index (quick checks); null = all"})
+    batch_size: int = field(
+        default=32, metadata={"help": "rows per decoding batch of the accuracy pass (greedy); --batch-size"})
+    latency_n: int = field(
+        default=16, metadata={"help": "samples per system x task timed at batch size 1, evenly spaced; --latency-n"})
     warmup: int = field(default=2, metadata={"help": "untimed samples before timing each system x task; --warmup"})
+    image_skips: int = field(
+        default=0, metadata={"help": "text modes: image skips per answer (0: one text round, as the reference's "
+                                     "inferencer); --image-skips"})
     max_new_tokens: int = field(default=160, metadata={"help": "token budget of an answer; --max-new-tokens"})
     vt_steps: int = field(default=50, metadata={"help": "denoising steps per generated VT (paper: 50); --vt-steps"})
     seed: int = field(default=0, metadata={"help": "seed of VT generation"})
@@ -371,6 +470,9 @@ class EvaluateConfig:
             raise ConfigError(f"system names must be unique, repeated: {', '.join(dup)}")
         if self.warmup < 0 or self.max_new_tokens < 1 or self.vt_steps < 1 or self.threads < 1:
             raise ValueError("warmup >= 0; max_new_tokens, vt_steps, threads >= 1")
+        if self.batch_size < 1 or self.latency_n < 1 or self.image_skips < 0:
+            raise ValueError(f"batch_size ({self.batch_size}) and latency_n ({self.latency_n}) must be >= 1, "
+                             f"image_skips ({self.image_skips}) >= 0")
         if self.vsp_per_level is not None and self.vsp_per_level < 1:
             raise ValueError(f"vsp_per_level must be >= 1 or null, got {self.vsp_per_level}")
 
@@ -437,7 +539,10 @@ def _load_path_benchmarks(d: EvalDataConfig, tasks: list[str]) -> list[Benchmark
 
 def _load_vsp(path: str, cell_px: int, per_level: int | None = None) -> list[Sample]:
     """VSP maps of `path` (the first `per_level` of each level); the first unusable map is a DataError
-    naming its file (no silent skipping: a benchmark number over a partial map set would mislead)."""
+    naming its file (no silent skipping: a benchmark number over a partial map set would mislead).
+
+    VSP's images (64 px per cell) come resized cell by cell to `cell_px`, the backend's patch per
+    cell, so every level reaches the model as L x L patches, as our own renders do."""
     from visual_opsd.data import DataError
     from visual_opsd.vsp import iter_vsp_items
 
@@ -473,12 +578,17 @@ def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
     results = evaluate_systems(systems, benchmarks, out, vt_steps=cfg.vt_steps, max_new_tokens=cfg.max_new_tokens,
-                               warmup=cfg.warmup, seed=cfg.seed, progress=cfg.progress,
+                               batch_size=cfg.batch_size, latency_n=cfg.latency_n, warmup=cfg.warmup,
+                               image_skips=cfg.image_skips, seed=cfg.seed, progress=cfg.progress,
                                load=lambda path: load_backend(path, cfg.hf))
+    skips = ("one text round, no image skip" if cfg.image_skips == 0 else
+             f"at most {cfg.image_skips} image skip(s) per answer")
     notes = [f"Data: {_data_note(cfg)}.",
-             "Accuracy: greedy decoding, 95% Wilson intervals; a system's accuracy is the mean over its tasks.",
-             f"Latency: batch size 1 after {cfg.warmup} warm-up samples, the whole pipeline per sample, "
-             f"{cfg.threads} CPU thread(s) (torch); VTs with {cfg.vt_steps} denoising steps.",
+             f"Accuracy: greedy decoding in batches of {cfg.batch_size}, 95% Wilson intervals; a system's accuracy "
+             f"is the mean over its tasks. Text-only modes: {skips}.",
+             f"Latency: batch size 1 on {cfg.latency_n} evenly spaced samples per task after {cfg.warmup} warm-up "
+             f"samples, the whole pipeline per sample, {cfg.threads} CPU thread(s) (torch); VTs with "
+             f"{cfg.vt_steps} denoising steps. Tokens: all samples.",
              f"Total evaluation time {time.perf_counter() - t0:.0f} s."]
     path = write_results(results, out, notes)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -3,7 +3,14 @@
 `report.json` shape (the contract other tools read):
     {"systems": {NAME: {"accuracy": pct, "latency_s": s, "tokens": n,
                         "tasks": {TASK: {"accuracy": pct, "ci95": [lo, hi], "n": n, "latency_s": s, "tokens": n}}}},
-     "kl": {"pre": x, "post": {NAME: x}, "closure": {NAME: fraction}},
+     "kl": {"headline": "closure" | "closure_student_samples",
+            "closure": {"completions": "data", "same_tokens": bool, "teacher_side": "base" | "self",
+                        "k_pre": x, "k_post": {NAME: x}, "per_model": {NAME: fraction}},
+            "closure_student_samples": {... the same fields, "completions": "student"}},
+     "premise": {"interleaved" | "text_only" | "teacher_context":
+                     {"accuracy": pct, "ci95": [lo, hi], "n": n, "by_size": {SIZE: {"accuracy", "ci95", "n"}}},
+                 "k_pre": x},   # the base model before distillation; k_pre on the data's traces
+     "targets": [{"name": str, "value": x, "target": str, "met": bool}],
      "interventions": {MODE: {"accuracy": pct}},
      "timing_s": {STAGE: s}}
 """
@@ -97,20 +104,94 @@ def write_report(report: dict, out: Path, runs: dict[str, Path], notes: list[str
     pareto_plot(report, out / "pareto.png")
     training_curves(runs, out / "training_curves.png")
     md = ["# visual-opsd study report", "", "## Main table", "", main_table(report), ""]
+    md += premise_section(report.get("premise"))
+    md += targets_section(report.get("targets"))
     if report.get("interventions"):
         md += ["## VT interventions (teacher)", "", "| mode | accuracy % |", "|---|---|"]
         md += [f"| {m} | {v['accuracy']:.1f} |" for m, v in report["interventions"].items()] + [""]
-    if report.get("kl", {}).get("pre") is not None:
-        kl = report["kl"]
-        md += ["## KL diagnostic (nats/token)", "", f"K_pre = {kl['pre']:.4f}", "",
-               "| system | K_post | closure |", "|---|---|---|"]
-        md += [f"| {n} | {kl['post'][n]:.4f} | {100 * kl['closure'][n]:.1f}% |" for n in kl["post"]] + [""]
+    md += kl_section(report.get("kl", {}))
     md += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in report.get("timing_s", {}).items()] + [""]
     md += ["![accuracy vs latency](pareto.png)", "", "![training curves](training_curves.png)", ""]
     md += [f"- {n}" for n in notes]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"
+
+
+PREMISE_MODES = {
+    "interleaved": "interleaved: generates its own VT, reads it back",
+    "text_only": "text-only: one text round from the student context, no image skip",
+    "teacher_context": "privileged teacher context: the data's VTs in context, then text (the distillation signal)",
+}
+
+
+def premise_section(premise: dict | None) -> list[str]:
+    """report.md's premise table: the base model before distillation in its three modes, per size."""
+    if not premise:
+        return []
+    modes = [m for m in PREMISE_MODES if m in premise]
+    sizes = sorted({k for m in modes for k in premise[m].get("by_size", {})}, key=lambda v: (len(v), v))
+    head = ["base model mode", "acc % [95% CI]", *[f"size {v}" for v in sizes], "n"]
+    md = ["## The premise: the base model before distillation", "",
+          "The paper's regime: text-only close to interleaved, the privileged VT context clearly better.", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in modes:
+        r = premise[m]
+        by = r.get("by_size", {})
+        per_size = [f"{by[v]['accuracy']:.0f}" if v in by else "-" for v in sizes]
+        cells = [PREMISE_MODES[m], _acc(r), *per_size, str(r["n"])]
+        md.append("| " + " | ".join(cells) + " |")
+    if premise.get("k_pre") is not None:
+        md += ["", "K_pre on the data's traces (identical tokens under both contexts): "
+               f"{premise['k_pre']:.3f} nats/token."]
+    return md + [""]
+
+
+def targets_section(targets: list[dict] | None) -> list[str]:
+    """report.md's checklist of the study's targets, each with its measured value, met or missed."""
+    if not targets:
+        return []
+    md = ["## Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]
+    for t in targets:
+        value = "n/a" if t["value"] is None else f"{t['value']:.1f}"
+        md.append(f"| {t['name']} | {value} | {t['target']} | {'met' if t['met'] else '**missed**'} |")
+    return md + [""]
+
+
+def _acc(r: dict) -> str:
+    return f"{r['accuracy']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
+
+
+# how report.md describes the two KL-closure entries (diagnostics.run.report_fields)
+KL_COMPLETIONS = {
+    "data": "on identical tokens: the data's text-only traces, the same ids scored before and after training",
+    "student": "on student samples: K_pre on the base model's own samples, K_post on each trained model's own",
+}
+KL_TEACHER_SIDES = {
+    "base": "the frozen base model (the SFT teacher) with the data's VTs",
+    "self": "each trained model itself with the data's VTs",
+}
+
+
+def kl_section(kl: dict) -> list[str]:
+    """report.md's KL section: one table per closure entry, the headline first, each saying which
+    completions were scored and which weights sat on the teacher side."""
+    keys = [k for k in ("closure", "closure_student_samples") if isinstance(kl.get(k), dict)]
+    if not keys:
+        return []
+    keys.sort(key=lambda k: k != kl.get("headline", "closure"))  # stable: the headline first
+    md = ["## KL diagnostic and gap closure", "",
+          "K = mean over completions of the mean per-token KL(p(. | teacher context with VTs) || "
+          "p(. | student context)), nats/token; closure = 1 - K_post / K_pre.", ""]
+    for i, key in enumerate(keys):
+        entry = kl[key]
+        role = "headline" if i == 0 else "beside it"
+        md += [f"### Closure {KL_COMPLETIONS.get(entry['completions'], entry['completions'])} (`kl.{key}`, {role})",
+               "", f"Teacher side: {KL_TEACHER_SIDES.get(entry['teacher_side'], entry['teacher_side'])}. "
+               f"K_pre = {entry['k_pre']:.4f}.", "", "| system | K_post | closure |", "|---|---|---|"]
+        md += [f"| {n} | {entry['k_post'][n]:.4f} | {100 * entry['per_model'][n]:.1f}% |" for n in entry["k_post"]]
+        md.append("")
+    return md
 
 
 def _mean_ci(system: dict) -> tuple[float, float]:

@@ -36,13 +36,19 @@ from tqdm import tqdm
 
 from visual_opsd.backends import load_backend, maze_cell_px
 from visual_opsd.backends.hf_config import HFOptions
-from visual_opsd.backends.mini import DEFAULT_FRAMING, DEFAULT_TRANSITION, MiniBackend
+from visual_opsd.backends.mini import (
+    CAPTION_PROMPT,
+    DEFAULT_FRAMING,
+    DEFAULT_INTERLEAVED_PROMPT,
+    DEFAULT_TRANSITION,
+    MiniBackend,
+)
 from visual_opsd.checkpoint import atomic_dir
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import Task, get_task
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
 
-EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text"]
+EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text", "vt_caption"]
 
 
 @dataclass
@@ -73,18 +79,27 @@ class TaskDataConfig:
 
 @dataclass
 class DataConfig(TaskDataConfig):
-    trace: Literal["interleaved", "text_only"] = field(
-        default="interleaved", metadata={"help": "interleaved = teacher with VTs; text_only = baseline"}
+    trace: Literal["interleaved", "text_only", "vt_caption"] = field(
+        default="interleaved",
+        metadata={"help": "interleaved = teacher with VTs; text_only = baseline; vt_caption = pretraining "
+                          "(describe a drawn path from the VT image alone)"},
     )
     teacher_context_fraction: float = field(
         default=0.25,
         metadata={"help": "interleaved only: share of examples with the GT VT in the teacher context"},
     )
+    text_only_fraction: float = field(
+        default=0.0,
+        metadata={"help": "interleaved only: share of examples that are the plain text-only trace (text mode)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.teacher_context_fraction <= 1.0:
-            raise ValueError(f"data.teacher_context_fraction must be in [0, 1], got {self.teacher_context_fraction}")
+        for name in ("teacher_context_fraction", "text_only_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.teacher_context_fraction + self.text_only_fraction > 1.0:
+            raise ValueError("data.teacher_context_fraction + data.text_only_fraction must be <= 1")
 
 
 @dataclass
@@ -108,6 +123,10 @@ class ModelConfig:
     )
     framing_text: str = field(default=DEFAULT_FRAMING, metadata={"help": "teacher text before the VTs"})
     transition_text: str = field(default=DEFAULT_TRANSITION, metadata={"help": "teacher text after the VTs"})
+    interleaved_prompt: str = field(
+        default=DEFAULT_INTERLEAVED_PROMPT,
+        metadata={"help": "instruction after the question that asks for interleaved (drawn-VT) reasoning"},
+    )
     hf: HFOptions = field(  # Hugging Face backend: init_from an HF folder, or hf.tiny for a tiny random model
         default_factory=HFOptions, metadata={"help": "Hugging Face model options (LoRA, dtype, ...)"}
     )
@@ -160,10 +179,15 @@ class EvalConfig:
     vt_steps: int = field(default=50, metadata={"help": "denoising steps of VTs generated during validation"})
     max_new_tokens: int = field(default=320, metadata={"help": "token budget of validation answers"})
     batch_size: int = field(default=64, metadata={"help": "rows per batch of validation decoding"})
+    image_skips: int = field(
+        default=0, metadata={"help": "text modes: image skips per answer (0: one text round, as the reference)"}
+    )
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.vt_steps < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("eval.every, eval.vt_steps, eval.max_new_tokens and eval.batch_size must be >= 1")
+        if self.image_skips < 0:
+            raise ValueError(f"eval.image_skips must be >= 0, got {self.image_skips}")
 
 
 @dataclass
@@ -223,7 +247,8 @@ def build_backend(cfg: SFTConfig) -> MiniBackend:
 
         return HFBackend.tiny(cfg.model.hf.tiny, cfg.model.hf, seed=cfg.seed)  # sizes: hf.tiny_hidden, tiny_layers
     m = cfg.model
-    tokenizer = build_tokenizer_for_tasks(m.tokenizer_tasks, extra_texts=[m.framing_text, m.transition_text])
+    texts = [m.framing_text, m.transition_text, m.interleaved_prompt, CAPTION_PROMPT]
+    tokenizer = build_tokenizer_for_tasks(m.tokenizer_tasks, extra_texts=texts)
     return MiniBackend.new(
         tokenizer,
         seed=cfg.seed,
@@ -238,6 +263,7 @@ def build_backend(cfg: SFTConfig) -> MiniBackend:
         location_tokens=m.location_tokens,
         framing_text=m.framing_text,
         transition_text=m.transition_text,
+        interleaved_prompt=m.interleaved_prompt,
     )
 
 
@@ -249,19 +275,32 @@ def predict(
     vt_steps: int = 50,
     batch_size: int = 64,
     seed: int = 0,
+    *,
+    image_skips: int = 0,
 ) -> list[str]:
-    """Greedy predictions of `samples` under one evaluation mode:
+    """Greedy predictions of `samples` (in their order) under one evaluation mode:
     interleaved: the model generates its own VTs (`vt_steps` denoising steps);
     given_vt: interleaved, but each `<image_start>` gets the sample's ground-truth VT;
     teacher_context: text-only decoding after the privileged teacher context (GT VTs);
-    text: text-only decoding after the student context, image skip at most once."""
+    text: text-only decoding after the student context;
+    vt_caption: (the mini model's pretraining task) describe the sample's VT image shown alone.
+
+    The text-only modes decode one text round by default, as the reference's inferencer does: an
+    emitted `<image_start>` ends the answer there (kept in the text, which is scored as it is).
+    `image_skips` > 0 instead injects `<image_end>` and goes on, that many times per answer.
+    Samples are decoded `batch_size` at a time (left-padded), grouped by size (`batches`)."""
+    if image_skips < 0:
+        raise ValueError(f"predict: image_skips must be >= 0, got {image_skips}")
     backend.model.eval()
     gen = torch.Generator().manual_seed(seed)
     role = "teacher" if mode == "teacher_context" else "student"
-    texts = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        contexts = [backend.build_context(s, role=role) for s in chunk]
+    texts: list[str] = [""] * len(samples)
+    for idx in batches(samples, batch_size):
+        chunk = [samples[i] for i in idx]
+        if mode == "vt_caption":
+            contexts = [backend.caption_context(s) for s in chunk]
+        else:
+            contexts = [backend.build_context(s, role=role) for s in chunk]
         if mode in ("interleaved", "given_vt"):
             outs = backend.generate_interleaved(
                 contexts,
@@ -273,9 +312,31 @@ def predict(
                 generator=gen,
             )
         else:
-            outs = backend.sample(contexts, max_new_tokens=max_new_tokens, temperature=0.0, max_image_skips=1)
-        texts += [o.text for o in outs]
+            outs = backend.sample(contexts, max_new_tokens=max_new_tokens, temperature=0.0, max_image_skips=image_skips)
+        for i, o in zip(idx, outs, strict=True):
+            texts[i] = o.text
     return texts
+
+
+def batches(samples: list[Sample], batch_size: int) -> list[list[int]]:
+    """Indices of `samples` in decoding batches of at most `batch_size`: ordered by VT count, image
+    area and question length, so that a batch's rows have similar context lengths (little compute
+    spent on padding; maze sizes differ 4x in patch count), and never mixing VT counts, so that
+    interleaved decoding allows every row exactly as many VTs as it would get alone."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def key(i: int) -> tuple[int, int, int]:
+        s = samples[i]
+        return len(s.vt_images), sum(im.width * im.height for im in s.problem_images), len(s.question)
+
+    out: list[list[int]] = []
+    for i in sorted(range(len(samples)), key=key):
+        if out and len(out[-1]) < batch_size and len(samples[out[-1][0]].vt_images) == len(samples[i].vt_images):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def accuracy(task: Task, samples: list[Sample], predictions: list[str]) -> float:
@@ -292,9 +353,10 @@ def run_sft(cfg: SFTConfig) -> Path:
     patch = maze_cell_px(backend)
     train = load_samples(cfg.data, task, "train", patch)
     val = load_samples(cfg.data, task, "val", patch)
-    if cfg.data.trace == "interleaved" and not any(s.vt_images for s in train):
-        raise ValueError("data.trace=interleaved but no training sample has VT images")
-    modes = cfg.eval.modes or (["interleaved"] if cfg.data.trace == "interleaved" else ["text"])
+    if cfg.data.trace in ("interleaved", "vt_caption") and not any(s.vt_images for s in train):
+        raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")
+    default_mode = {"interleaved": "interleaved", "text_only": "text", "vt_caption": "vt_caption"}
+    modes = cfg.eval.modes or [default_mode[cfg.data.trace]]
     (out / "config.json").write_text(json.dumps(_plain(cfg), indent=2))
 
     model = backend.model
@@ -355,7 +417,14 @@ def run_sft(cfg: SFTConfig) -> Path:
             t_eval = time.perf_counter()
             for mode in modes:
                 preds = predict(
-                    backend, val, mode, cfg.eval.max_new_tokens, cfg.eval.vt_steps, cfg.eval.batch_size, cfg.seed
+                    backend,
+                    val,
+                    mode,
+                    cfg.eval.max_new_tokens,
+                    cfg.eval.vt_steps,
+                    cfg.eval.batch_size,
+                    cfg.seed,
+                    image_skips=cfg.eval.image_skips,
                 )
                 record[f"val/accuracy/{mode}"] = accuracy(task, val, preds)
             record["time/eval_s"] = time.perf_counter() - t_eval
@@ -395,8 +464,13 @@ def _draw_batch(buckets: list[list[int]], weights: torch.Tensor, size: int, gen:
 def _example_kind(cfg: DataConfig, sample: Sample, gen: torch.Generator) -> str:
     if cfg.trace == "text_only" or not sample.vt_images:
         return "text_only"
-    if float(torch.rand((), generator=gen)) < cfg.teacher_context_fraction:
+    if cfg.trace == "vt_caption":
+        return "vt_caption"
+    u = float(torch.rand((), generator=gen))
+    if u < cfg.teacher_context_fraction:
         return "teacher_context"
+    if u < cfg.teacher_context_fraction + cfg.text_only_fraction:
+        return "text_only"
     return "interleaved"
 
 

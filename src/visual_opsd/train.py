@@ -11,20 +11,23 @@ Per optimizer step (method.md section 2):
 3. teacher: score the same completion ids on the teacher context C_T = C_S + framing + VT images
    (`teacher.vt_mode`: data / noise / shuffled / none) + transition, with the teacher's weights
    (`teacher.mode`: ema / live / frozen) and no gradient; the prefix is encoded once per prompt;
-4. update: score them on C_S with gradient; loss = generalized JSD (beta, top-k, clip) summed over
-   the sampled completion tokens and divided by their count over the whole accumulation window;
+4. update: score them on C_S with gradient; loss = generalized JSD (beta, top-k, clip) per sampled
+   completion token, averaged as `loss.reduction` says: `sequence_mean` (the reference's: the mean
+   over each completion's tokens, then the mean over the completions of the whole accumulation
+   window) or `token_mean` (the sum over the window's tokens divided by their count);
    AdamW step, grad clip, lr warm-up + cosine; EMA teacher update;
 5. every `eval.every` steps: greedy text-only accuracy of the student on the validation split
-   (never test); `best/` keeps the validation best, `last/` the latest state.
+   (never test; one text round, `eval.image_skips` 0, as the final evaluation); `best/` keeps the
+   validation best, `last/` the latest state.
 
 Every random stream of step s is seeded from (seed, s, rank), so a run resumed from the checkpoint
 of step s replays steps s+1.. exactly as an uninterrupted run would.
 
 Scale-out: the same command runs under `accelerate launch` with N processes (`distributed.py`):
-each rank rolls out its shard of the step's prompts, the loss is normalised by the token count of
-the whole step over all ranks and the gradients are summed, so the update does not depend on N or
-on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N). FSDP2 and DeepSpeed
-ZeRO-1/2/3 hold the weights sharded (`engines.py`); docs/scale.md.
+each rank rolls out its shard of the step's prompts, the loss is normalised by the completion
+(or token) count of the whole step over all ranks and the gradients are summed, so the update does
+not depend on N or on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N).
+FSDP2 and DeepSpeed ZeRO-1/2/3 hold the weights sharded (`engines.py`); docs/scale.md.
 
 Reliability (docs/failure-modes.md): checkpoints are atomic with a checksum manifest (a corrupt
 last/ falls back to last.prev/); a step with a non-finite loss or gradient is skipped and logged
@@ -59,7 +62,12 @@ from visual_opsd.distributed import Dist
 from visual_opsd.engines import TorchEngine, ZeroEngine
 from visual_opsd.errors import TrainingAborted
 from visual_opsd.faults import DUMP_ENV, armed, dump_gradients, maybe_kill
-from visual_opsd.losses import fused_linear_generalized_jsd, generalized_jsd, global_token_count
+from visual_opsd.losses import (
+    fused_linear_generalized_jsd,
+    generalized_jsd,
+    global_sequence_count,
+    global_token_count,
+)
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
 from visual_opsd.sft import TaskDataConfig, load_samples, lr_at, predict
@@ -106,10 +114,17 @@ class LossConfig:
     clip: float | None = field(default=0.05, metadata={"help": "cap per (token, vocab entry) term (null = off)"})
     temperature: float = field(default=1.0, metadata={"help": "divides both logits; loss scaled by T^2"})
     fused: bool = field(default=False, metadata={"help": "chunked loss from hidden states (long completions)"})
+    reduction: Literal["sequence_mean", "token_mean"] = field(
+        default="sequence_mean",
+        metadata={"help": "sequence_mean: mean over each completion's tokens, then over the step's completions "
+                          "(the paper's); token_mean: over all the step's tokens"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0 or self.temperature <= 0:
             raise ValueError("loss.beta must be in [0, 1] and loss.temperature > 0")
+        if self.reduction not in ("sequence_mean", "token_mean"):  # Python callers bypass the config's check
+            raise ValueError(f"loss.reduction must be sequence_mean or token_mean, got {self.reduction!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"loss.top_k must be >= 1 or null, got {self.top_k}")
 
@@ -145,10 +160,15 @@ class TrainEvalConfig:
     every: int = field(default=25, metadata={"help": "validate every N steps (and at the start and end)"})
     max_new_tokens: int = field(default=160, metadata={"help": "token budget of validation answers"})
     batch_size: int = field(default=64, metadata={"help": "rows per validation decoding batch"})
+    image_skips: int = field(
+        default=0, metadata={"help": "image skips per validation answer (0: one text round, as the reference)"}
+    )
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("eval.every, eval.max_new_tokens and eval.batch_size must be >= 1")
+        if self.image_skips < 0:
+            raise ValueError(f"eval.image_skips must be >= 0, got {self.image_skips}")
 
 
 @dataclass
@@ -254,8 +274,12 @@ def distill_loss(
     normalizer: torch.Tensor,
     times: dict[str, float],
 ) -> torch.Tensor:
-    """Teacher forward (no grad) + student forward on the same completion ids; the JSD summed over
-    sampled tokens divided by `normalizer` (tokens in the whole accumulation window)."""
+    """Teacher forward (no grad) + student forward on the same completion ids; the JSD per sampled
+    token, reduced by `cfg.reduction` with `normalizer` (`loss_normalizer`: the whole accumulation
+    window's completions for "sequence_mean", its tokens for "token_mean"):
+        sequence_mean: sum over this micro-batch's completions c of (mean of c's per-token JSD) / normalizer
+        token_mean:    sum over this micro-batch's tokens of the per-token JSD / normalizer
+    so that the losses of the window's micro-batches (and ranks) add up to the window's mean."""
     output = "hidden" if cfg.fused else "logits"
     with timed(times, "teacher"), teacher.weights():
         t = backend.score(teacher_ctx, rollout.ids, output=output)
@@ -270,11 +294,24 @@ def distill_loss(
         mask = s.mask & rollout.loss_mask(s.mask.shape[1]).to(s.mask.device)
         options = dict(beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k, clip=cfg.clip)
         if cfg.fused:
+            # (B, T, H) with the mask, not the flattened scored rows: sequence_mean needs to know
+            # which completion each row belongs to (only scored rows are computed either way)
             return fused_linear_generalized_jsd(
-                s.hidden[mask], t.hidden[mask], s.head_weight, teacher_weight=t_head,
-                reduction="token_mean", normalizer=normalizer, **options,
+                s.hidden, t.hidden, s.head_weight, teacher_weight=t_head, mask=mask,
+                reduction=cfg.reduction, normalizer=normalizer, **options,
             )
-        return generalized_jsd(s.logits, t.logits, mask=mask, reduction="token_mean", normalizer=normalizer, **options)
+        return generalized_jsd(s.logits, t.logits, mask=mask, reduction=cfg.reduction, normalizer=normalizer, **options)
+
+
+def loss_normalizer(masks: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    """The denominator of `distill_loss` for one optimizer step: over the micro-batches' loss masks
+    ((R, T) each, one row per completion) of the whole accumulation window and all ranks (an
+    all-reduce: every rank must call it), the number of completions with at least one scored token
+    ("sequence_mean") or of scored tokens ("token_mean"); at least 1. Dividing each micro-batch's
+    sum by the window's count, not by its own, keeps the gradient independent of how the step is
+    split over micro-batches and processes."""
+    count = global_sequence_count(masks) if reduction == "sequence_mean" else global_token_count(masks)
+    return count.clamp(min=1)
 
 
 def run_train(cfg: TrainConfig) -> Path:
@@ -327,7 +364,8 @@ def run_train(cfg: TrainConfig) -> Path:
         idx = dist.shard(step_idx)  # this rank's contiguous share of the global batch
         gen_sample, gen_vt = step_seed(cfg.seed, step, 0, dist.rank), step_seed(cfg.seed, step, 1, dist.rank)
 
-        # 1-2: every rollout of the window first, so the token count is known before any backward
+        # 1-2: every rollout of the window first, so the loss's denominator (the window's completion
+        # or token count) is known before any backward
         model.eval()
         engine.layout.gather()  # sharded: the weights once, so decoding issues no collectives
         windows = []
@@ -345,8 +383,12 @@ def run_train(cfg: TrainConfig) -> Path:
         lengths = max(max((len(i) for i in ro.ids), default=0) for _, _, ro in windows)
         masks = [ro.loss_mask(lengths).to(dist.device) for _, _, ro in windows]  # the process group's device
         local_tokens = int(sum(int(m.sum()) for m in masks))
-        # completion tokens of the whole step: all micro-batches, all ranks (an all-reduce)
-        normalizer = global_token_count(masks).clamp(min=1).to(model_device)
+        # completion tokens of the whole step: all micro-batches, all ranks (an all-reduce); with
+        # sequence_mean the loss divides by the step's completions instead (a second all-reduce)
+        token_count = global_token_count(masks)
+        tokens = int(token_count)
+        normalizer = (token_count.clamp(min=1) if cfg.loss.reduction == "token_mean"
+                      else loss_normalizer(masks, cfg.loss.reduction)).to(model_device)
 
         # 3-4: teacher and student scoring, backward per micro-batch; gradients summed over ranks
         model.train()
@@ -379,7 +421,7 @@ def run_train(cfg: TrainConfig) -> Path:
                 state["bad_steps"] += 1
 
         record: dict[str, Any] = {"step": done, "lr": lr, "loss": total, "grad_norm": float(grad_norm),
-                                  "tokens": int(normalizer)}
+                                  "tokens": tokens}
         if dist.world > 1:
             record["tokens/per_rank"] = dist.gather_int(local_tokens)
         stats: dict[str, float] = {}
@@ -478,7 +520,8 @@ def _validate(backend, engine: TorchEngine, task, val, cfg: TrainConfig, out: Pa
     best/ on improvement."""
     engine.layout.gather()  # sharded: gathered before decoding (ranks decode different lengths)
     mine = val[dist.rank :: dist.world]
-    preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                    image_skips=cfg.eval.image_skips)  # one text round by default, as the final evaluation
     correct = dist.sum(sum(task.is_correct(s, p) for s, p in zip(mine, preds, strict=True)))
     acc = correct / max(1, len(val))
     if record is not None:

@@ -313,7 +313,10 @@ def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64, *, allow_outside:
     a bad map is an item with its error, so that callers can report or skip it and go on.
 
     `allow_outside=False` (what `data.load_dataset` passes unless allowed) makes a table or image
-    that resolves outside `path` through a symbolic link a bad map, refused before it is read."""
+    that resolves outside `path` through a symbolic link a bad map, refused before it is read.
+    Problem images and VTs come at `cell_px` pixels per cell (VSP's images have 64)."""
+    if cell_px < 1:
+        raise ValueError(f"cell_px must be at least 1, got {cell_px}")
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
@@ -355,7 +358,7 @@ def _escapes(path: Path, inside: Path | None) -> bool:
 def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px: int, inside: Path | None) -> Sample:
     # Imported here because the maze task imports this module for its grid format and scorers.
     from visual_opsd.data import MAX_IMAGE_PIXELS
-    from visual_opsd.tasks.maze import sample_from_grid
+    from visual_opsd.tasks.maze import resize_cells, sample_from_grid
 
     if _escapes(table_path, inside):
         raise ValueError(f"{table_path}: leaves the dataset folder through a symbolic link")
@@ -378,6 +381,13 @@ def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _ImageProblem(image_path, ValueError(f"{image_path}: cannot read image: {e}")) from None
     try:
+        # At the asked cell size (VSP draws 64 px per cell), each cell shrunk on its own as our renders
+        # are: a model with one patch per cell then sees one cell per patch at every level, which no
+        # power-of-two shrink of the whole image gives (a level-3 map is 192 px).
+        image = resize_cells(image, level, cell_px)
+    except ValueError as e:
+        raise _ImageProblem(image_path, ValueError(f"{image_path}: {e}")) from None
+    try:
         sample = sample_from_grid(grid, f"vsp-L{level}-{index}", cell_px=cell_px)
     except ValueError as e:
         raise ValueError(f"{table_path}: {e}") from None
@@ -389,9 +399,11 @@ def _load_map(level: int, level_dir: Path, index: int, table_path: Path, cell_px
 def load_vsp_folder(path: str | os.PathLike, cell_px: int = 64) -> list[Sample]:
     """All maps under `path` (upstream layout) as maze samples, ordered by level then index.
 
-    Each sample's problem image is VSP's own `img/{i}.png`; its VT is our render of the map with
-    the BFS shortest path drawn (VSP has no VTs; this is what a model trained on our VTs would
-    draw). Ids are `vsp-L{L}-{i}`; metadata adds `level` and `index` to the maze task's fields.
+    Each sample's problem image is VSP's own `img/{i}.png` at `cell_px` pixels per cell (unchanged at
+    VSP's 64; otherwise each cell resized on its own, `maze.resize_cells`); its VT is our render of
+    the map with the BFS shortest path drawn (VSP has no VTs; this is what a model trained on our
+    VTs would draw). Ids are `vsp-L{L}-{i}`; metadata adds `level` and `index` to the maze task's
+    fields.
     The first bad map raises its error (`data.load_dataset` can skip bad maps instead).
     """
     samples = []

@@ -62,6 +62,12 @@ DEFAULT_FRAMING = (
     "Use them silently and never mention them ."
 )
 DEFAULT_TRANSITION = "Now reason step by step on your own ."
+# The mode switch of the unified model: a plain context asks for a text-only answer (the student's
+# mode); this instruction after the question asks for interleaved reasoning with a drawn VT. Without
+# a switch, greedy decoding could not have both modes (see docs/method.md, "the miniature").
+DEFAULT_INTERLEAVED_PROMPT = "Think by drawing the path on the map ."
+# Pretraining (the BAGEL analogue, sft.py): describe a map with a drawn path, from the image alone
+CAPTION_PROMPT = "Describe this map and the red path drawn on it ."
 IGNORE = -100  # label of positions without a cross-entropy target
 
 
@@ -69,11 +75,20 @@ IGNORE = -100  # label of positions without a cross-entropy target
 # images
 
 
-def fit_image(image: Image.Image, patch_size: int, max_grid: int) -> Image.Image:
+def fit_image(image: Image.Image, patch_size: int, max_grid: int, cells: int | None = None) -> Image.Image:
     """`image` as RGB with sides that are multiples of `patch_size`, at most `max_grid` patches a side.
 
-    A larger image is box-downscaled by the smallest power of two that makes it fit (so a map drawn
-    at 64 px per cell lands on one patch per cell whenever 64 / patch_size is a power of two)."""
+    A larger image is box-downscaled by the smallest power of two that makes it fit. That gives one
+    patch per cell only when the cell count allows it (a 3x3 map at 64 px per cell, 48 patches a side
+    at patch_size 4, fits after halving three times, as 6x6 patches). With `cells` (the image is a
+    `cells` x `cells` map, e.g. a VSP image of a level-`cells` map) each cell is instead resized on
+    its own to one patch (`maze.resize_cells`, area-averaging), whatever the image's size."""
+    if cells is not None:
+        from visual_opsd.tasks.maze import resize_cells  # the maze task is not needed otherwise
+
+        if not 1 <= cells <= max_grid:
+            raise ValueError(f"a {cells}x{cells} map does not fit {max_grid}x{max_grid} patches at one patch per cell")
+        return resize_cells(image, cells, patch_size)
     image = image.convert("RGB")
     w, h = image.size
     if w % patch_size or h % patch_size:
@@ -303,12 +318,14 @@ class MiniBackend(Backend):
         framing_text: str = DEFAULT_FRAMING,
         transition_text: str = DEFAULT_TRANSITION,
         max_vt_images: int = 8,
+        interleaved_prompt: str = "",
     ):
         if model.cfg.vocab_size != len(tokenizer):
             raise ValueError(f"model vocab_size {model.cfg.vocab_size} != tokenizer size {len(tokenizer)}")
         self.model, self.tokenizer = model, tokenizer
         self.framing_text, self.transition_text = framing_text, transition_text
         self.max_vt_images = max_vt_images
+        self.interleaved_prompt = interleaved_prompt  # "" (checkpoints before the switch): no mode text
         self.eos_id = tokenizer.eos_id
         self.image_start_id = tokenizer.id_of(IMAGE_START)
         self.image_end_id = tokenizer.id_of(IMAGE_END)
@@ -318,7 +335,8 @@ class MiniBackend(Backend):
     def new(cls, tokenizer: Tokenizer, seed: int = 0, **options) -> MiniBackend:
         """A freshly initialised backend; `options` are MiniConfig fields and backend texts, and
         `location_tokens` (default True): place the tokenizer's `( r , c )` tokens at their cells."""
-        texts = {k: options.pop(k) for k in ("framing_text", "transition_text", "max_vt_images") if k in options}
+        texts = {k: options.pop(k) for k in ("framing_text", "transition_text", "max_vt_images", "interleaved_prompt")
+                 if k in options}
         if options.pop("location_tokens", True):
             options.setdefault("cell_tokens", [list(cell) for cell in tokenizer.cell_tokens()])
         torch.manual_seed(seed)  # weight init only; everything else takes explicit generators
@@ -384,6 +402,23 @@ class MiniBackend(Backend):
                 self._image_block(b, self.pixels(image, generator), "vt_image")
             b.text(tok.encode(self.transition_text), "transition")
         return b, grid
+
+    def caption_context(self, sample: Sample) -> MiniContext:
+        """The pretraining task's context: the sample's VT image(s) alone, then the caption prompt
+        (`CAPTION_PROMPT`); the text-only trace is its answer. Measures how well VTs are read."""
+        b = self._caption_builder(sample)
+        return MiniContext(role="student", vt_mode=None, segments=list(b.segments), row=b.build(),
+                           grid=(0, 0), next_pos=b.next_pos)
+
+    def _caption_builder(self, sample: Sample) -> RowBuilder:
+        if not sample.vt_images:
+            raise ValueError(f"sample {sample.id!r}: the caption task needs a VT image")
+        b = RowBuilder(self.cfg.patch_size, self.cfg.patch_dim)
+        b.text([self.tokenizer.bos_id])
+        for image in sample.vt_images[: self.max_vt_images]:
+            self._image_block(b, self.pixels(image), "vt_image")
+        b.text(self.tokenizer.encode(CAPTION_PROMPT))
+        return b
 
     def _image_block(self, b: RowBuilder, px: torch.Tensor, segment: str) -> None:
         b.text([self.image_start_id], "marker")
@@ -498,6 +533,7 @@ class MiniBackend(Backend):
         model = model or self.model
         B = len(contexts)
         dec = MiniDecoder(model, *self._encode_prefix(contexts, model))
+        self._feed_text(dec, self._mode_ids(), model)
         ids: list[list[int]] = [[] for _ in range(B)]
         images: list[list[Image.Image]] = [[] for _ in range(B)]
         finished = [False] * B
@@ -569,6 +605,25 @@ class MiniBackend(Backend):
         p, c = self.cfg.patch_size, self.cfg.channels
         return [unpatchify(x[r, : sizes[r]], grids[r], p, c) for r in range(R)]
 
+    def _mode_ids(self) -> list[int]:
+        """Token ids of the interleaved-mode instruction (empty when the model has none)."""
+        return self.tokenizer.encode(self.interleaved_prompt) if self.interleaved_prompt else []
+
+    def _feed_text(self, dec: MiniDecoder, ids: list[int], model: MiniUMM) -> None:
+        """Append the same context text `ids` to every row of the decoder (cache and logits)."""
+        if not ids:
+            return
+        B = dec.logits.shape[0]
+        built = []
+        for b in range(B):
+            rb = RowBuilder(self.cfg.patch_size, self.cfg.patch_dim, next_pos=int(dec.next_pos[b]))
+            rb.text(ids)
+            built.append(rb.build())
+        x = collate(built, self.cfg.patch_dim, left_pad=False)
+        hidden, _ = model(x, cache=dec.cache, update_cache=True)  # (B, len(ids), D)
+        dec.logits = model.logits(hidden[:, -1])
+        dec.next_pos = dec.next_pos + len(ids)
+
     def _feed_images(self, dec: MiniDecoder, rows: list[int], pixels: list[torch.Tensor], model: MiniUMM) -> None:
         """Append an UND block and `<image_end>` to the cache of each of `rows` in one forward
         (the other rows get padding, i.e. invalid cache columns) and refresh those rows' logits."""
@@ -593,7 +648,7 @@ class MiniBackend(Backend):
     def training_row(
         self,
         sample: Sample,
-        kind: Literal["interleaved", "text_only", "teacher_context"],
+        kind: Literal["interleaved", "text_only", "teacher_context", "vt_caption"],
         generator: torch.Generator | None = None,
         flow_copies: int = 1,
         edit_weight: float = 1.0,
@@ -606,8 +661,13 @@ class MiniBackend(Backend):
         VT's tokens only, not the whole row's. Patches where the VT differs from the first problem
         image (the drawn path: an edit of the input, as VTs usually are) weigh `edit_weight` in the
         flow loss, the rest 1: otherwise copying the map dominates the loss."""
-        role = "teacher" if kind == "teacher_context" else "student"
-        b, _ = self._context_builder(sample, role, "data", None, None)
+        if kind == "vt_caption":  # pretraining: the VT image alone, then its description
+            b = self._caption_builder(sample)
+        else:
+            role = "teacher" if kind == "teacher_context" else "student"
+            b, _ = self._context_builder(sample, role, "data", None, None)
+        if kind == "interleaved":
+            b.text(self._mode_ids(), "mode")  # context: no loss
         n_ctx = len(b.kind)
         enc = self.tokenizer.encode
         targets, weights = [], []
@@ -701,6 +761,7 @@ class MiniBackend(Backend):
             "framing_text": self.framing_text,
             "transition_text": self.transition_text,
             "max_vt_images": self.max_vt_images,
+            "interleaved_prompt": self.interleaved_prompt,
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.tokenizer.save(directory / "tokenizer.json")
@@ -721,6 +782,7 @@ class MiniBackend(Backend):
             config["framing_text"],
             config["transition_text"],
             config["max_vt_images"],
+            config.get("interleaved_prompt", ""),
         )
 
     # diagnostics -------------------------------------------------------------------------------
@@ -729,6 +791,7 @@ class MiniBackend(Backend):
         """See `Backend.build_trace_context`. The sequence is the one `generate_interleaved` built:
         `<image_start>` as text, the VT as an UND block at the next positions, then `<image_end>`."""
         b, grid = self._context_builder(sample, "student", "data", None, None)
+        b.text(self._mode_ids(), "mode")
         markers = (self.image_start_id, self.image_end_id)
         run: list[int] = []
         n_images = 0

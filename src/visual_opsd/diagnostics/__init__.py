@@ -12,8 +12,9 @@ returns a flat `/`-namespaced dict of numbers (verl-style), plus writers for JSO
 - `kl_diagnostic` (kl.py): K = mean over completions of the mean over their tokens of
   KL(p(. | C_T, y<t) || p(. | C_S, y<t)), the same ids y scored under both contexts by the same
   weights; K_post of trained models with either weights on the teacher side, and the gap closure
-  1 - K_post / K_pre. `kl_sanity` checks the pipeline (identical contexts: exactly 0; swapped
-  contexts: the reverse KL).
+  1 - K_post / K_pre, for each completion source (the data's traces: identical tokens before and
+  after, the headline; the models' own samples). `kl_sanity` checks the pipeline (identical
+  contexts: exactly 0; swapped contexts: the reverse KL).
 
 Each module's docstring holds its exact definition. `diagnose(cfg)` (run.py) runs any of them from a
 `DiagnoseConfig` and writes the outputs; `run_diagnose` is the command

@@ -12,11 +12,15 @@ with KL(p || q) = sum_v p(v) (log p(v) - log q(v)) over the full vocabulary (no 
 `losses.generalized_jsd(student, teacher, beta=0)`, which is exactly KL(teacher || student). The
 *same* completion ids y are scored under both contexts (never decoded and re-tokenised), and
 S(y) are its sampled positions (an image-skip `<image_end>` injected by the sampler is not scored;
-the position that predicts end-of-sequence is). Completions (`source`):
-- `student` (default): y ~ p_S(. | C_S) sampled from the measured student weights (temperature 1,
-  image skip at most once), `n_completions` per sample; on-policy, as Visual-OPSD trains;
+the position that predicts end-of-sequence is). Completion sources (`sources`, each measured in
+full, in order; the first is the headline):
 - `data`: the sample's own text-only trace (`Sample.text_only_completion`), the same y for every
-  model, so K_pre and K_post are measured on identical tokens.
+  model, so K_pre and K_post are measured on identical tokens: their ratio compares two models on
+  one set of ids, and the gap closure is not confounded by what each model chose to write;
+- `student`: y ~ p_S(. | C_S) sampled from the measured student weights (temperature 1, image
+  skip at most once), `n_completions` per sample; on-policy, as Visual-OPSD trains, but K_pre
+  (the base model's samples) and K_post (the trained model's) are then taken on different tokens.
+The default is both, `data` first.
 
 Which weights sit on each side:
 - K_pre: teacher = student = the base model (the SFT teacher) W0: p_T = p_W0(. | C_T), p_S = p_W0(. | C_S).
@@ -24,7 +28,15 @@ Which weights sit on each side:
     teacher=base: p_T = p_W0(. | C_T) (the frozen base with VTs), p_S = p_W1(. | C_S);
     teacher=self: p_T = p_W1(. | C_T) (the trained model with VTs), p_S = p_W1(. | C_S).
   With source=student the completions are sampled from W1 for K_post.
-- Gap closure = 1 - K_post / K_pre, per task and pooled.
+- Gap closure = 1 - K_post / K_pre, per task and pooled, K_pre and K_post of the same source.
+
+Metric keys (flat; `<source>` = data | student, `<side>` = base | self):
+    kl/<source>/order                                  0 for the headline source, then 1, ...
+    kl/<source>/same_tokens                            1.0 if K_pre and every K_post scored identical ids
+    kl/<source>/pre/<task>/{mean, std, ci95_lo, ci95_hi, n, tokens}
+    kl/<source>/post/<name>/teacher=<side>/<task>/{...}
+    kl/<source>/closure/<name>/teacher=<side>/<task>   a fraction
+`run.report_fields` turns them into the study report's `kl` entry (its docstring has the shape).
 
 Sanity mode (`kl_sanity`): with C_T := C_S the per-token KL must be exactly 0; with the contexts
 swapped (teacher side C_S, student side C_T) it must equal the reverse KL(p(. | C_S) || p(. | C_T))
@@ -46,6 +58,31 @@ from visual_opsd.backends.base import Backend, Context
 from visual_opsd.diagnostics.common import group_indices, summary, timed
 from visual_opsd.losses import generalized_jsd
 from visual_opsd.sample import Sample
+
+# completion sources, in the default order: identical tokens (the headline) first
+SOURCES = ("data", "student")
+
+
+def check_sources(sources: str | Sequence[str]) -> list[str]:
+    """`sources` as a list (one name alone is a one-item list); an empty list, a repeated name or an
+    unknown one is a ValueError that lists the choices."""
+    items = [sources] if isinstance(sources, str) else list(sources)
+    if not items:
+        raise ValueError(f"kl: no completion source; choose from {list(SOURCES)}")
+    unknown = [s for s in items if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"kl: unknown completion source {unknown[0]!r}; choose from {list(SOURCES)} "
+                         "(data: the data's text-only traces, student: samples of the measured model)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"kl: completion sources repeat: {items}")
+    return items
+
+
+def sources_of(metrics: dict[str, float]) -> list[str]:
+    """The completion sources measured in `kl_diagnostic`'s `metrics`, headline first."""
+    order = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("kl/") and k.endswith("/order")
+             and k.count("/") == 2}
+    return sorted(order, key=order.__getitem__)
 
 
 @dataclass
@@ -76,7 +113,7 @@ def student_completions(
         ids = [backend.encode_completion(s.text_only_completion()) for s in samples]
         return Completions(n=1, ids=ids, scored=[[True] * len(i) for i in ids])
     if source != "student":
-        raise ValueError(f"completion source must be 'student' or 'data', got {source!r}")
+        raise ValueError(f"completion source must be one of {list(SOURCES)}, got {source!r}")
     gen = torch.Generator().manual_seed(seed)
     ids, scored = [], []
     with torch.no_grad():
@@ -153,6 +190,7 @@ def _measure(
     student_model: nn.Module | None,
     batch_size: int,
     label: str,
+    source: str,
     records: list[dict] | None,
 ) -> dict[str, float]:
     """K per task under one (teacher weights, student weights) pair; `prefix/<task>/{mean, ...}`."""
@@ -164,7 +202,7 @@ def _measure(
         per_completion.append(float(kl[mask].double().mean()) if mask.any() else float("nan"))
         if records is not None:
             s = samples[r // comps.n]
-            records.append({"measure": label, "id": s.id, "task": s.task, "k": per_completion[-1],
+            records.append({"measure": label, "source": source, "id": s.id, "task": s.task, "k": per_completion[-1],
                             "ids": comps.ids[r], "scored": scored, "kl": kl.tolist()})
     metrics: dict[str, float] = {}
     groups = group_indices(samples)
@@ -180,7 +218,7 @@ def kl_diagnostic(
     samples: list[Sample],
     *,
     post: dict[str, Backend] | None = None,
-    source: str = "student",
+    sources: str | Sequence[str] = SOURCES,
     vt_mode: str = "data",
     n_completions: int = 1,
     temperature: float = 1.0,
@@ -191,13 +229,15 @@ def kl_diagnostic(
     records: list[dict] | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """K_pre of `backend` (the base model), and for each trained model in `post` K_post with the
-    teacher side on the base weights and on its own weights, and the gap closures (module docstring).
+    """For each completion source in `sources` (module docstring; the first is the headline): K_pre
+    of `backend` (the base model), and for each trained model in `post` K_post with the teacher side
+    on the base weights and on its own weights, and the gap closures.
 
-    Returns `kl/pre/<task>/{mean, std, ci95_lo, ci95_hi, n, tokens}`,
-    `kl/post/<name>/teacher=<base|self>/<task>/...`, `kl/closure/<name>/teacher=<base|self>/<task>`
-    and `time/kl/...`. Per-completion per-token values go to `records` (`measure` = "pre" or
-    "<name>/teacher=<base|self>") if given. Post models must share the base model's tokenizer."""
+    Returns the keys listed in the module docstring (`kl/<source>/...`) and `time/kl/...`.
+    Per-completion per-token values go to `records` (`source`, and `measure` = "<source>/pre" or
+    "<source>/<name>/teacher=<base|self>") if given. Post models must share the base model's
+    tokenizer. An unknown source fails before anything is computed."""
+    sources = check_sources(sources)
     if not samples:
         raise ValueError("kl: no samples")
     post = post or {}
@@ -208,31 +248,46 @@ def kl_diagnostic(
         _check_same_tokens(backend, other, samples[0], name)
     times: dict[str, float] = {}
     teacher_ctx, student_ctx = contexts_for(backend, samples, vt_mode, seed)
-    # measurement label -> (completion weights, teacher weights, student weights)
-    plan: list[tuple[str, str, nn.Module, nn.Module, nn.Module]] = [("pre", "kl/pre", *[backend.model] * 3)]
+    # measurement -> (completion weights, teacher weights, student weights)
+    plan: list[tuple[str, nn.Module, nn.Module, nn.Module]] = [("pre", *[backend.model] * 3)]
     for name, other in post.items():
-        plan.append((f"{name}/teacher=base", f"kl/post/{name}/teacher=base", other.model, backend.model, other.model))
-        plan.append((f"{name}/teacher=self", f"kl/post/{name}/teacher=self", other.model, other.model, other.model))
+        plan.append((f"post/{name}/teacher=base", other.model, backend.model, other.model))
+        plan.append((f"post/{name}/teacher=self", other.model, other.model, other.model))
     metrics: dict[str, float] = {}
-    cache: dict[int, Completions] = {}  # completions per sampling model: both teacher choices share them
-    for label, prefix, sampler, teacher_model, student_model in tqdm(plan, desc="kl", disable=not progress,
-                                                                      leave=False):
-        if id(sampler) not in cache:
+    # completions per (source, sampling model): both teacher sides share them, and the data's
+    # traces are one set for every model (so K_pre and K_post score the very same id lists)
+    cache: dict[tuple[str, int], Completions] = {}
+    steps = [(source, *item) for source in sources for item in plan]
+    for order, source in enumerate(sources):
+        metrics[f"kl/{source}/order"] = float(order)
+    scored_ids: dict[str, list[list[list[int]]]] = {source: [] for source in sources}
+    for source, measure, sampler, teacher_model, student_model in tqdm(steps, desc="kl", disable=not progress,
+                                                                        leave=False):
+        key = (source, 0 if source == "data" else id(sampler))
+        if key not in cache:
             with timed(times, "completions"):
-                cache[id(sampler)] = student_completions(
+                cache[key] = student_completions(
                     backend, samples, source, n=n_completions, temperature=temperature,
                     max_new_tokens=max_new_tokens, max_image_skips=max_image_skips, batch_size=batch_size,
                     seed=seed, model=sampler)
+        comps = cache[key]
+        scored_ids[source].append(comps.ids)
+        label = f"{source}/{measure.removeprefix('post/')}"
         with timed(times, "score"):
-            metrics.update(_measure(backend, samples, teacher_ctx, student_ctx, cache[id(sampler)], prefix,
+            metrics.update(_measure(backend, samples, teacher_ctx, student_ctx, comps, f"kl/{source}/{measure}",
                                     teacher_model=teacher_model, student_model=student_model,
-                                    batch_size=batch_size, label=label, records=records))
-    for name in post:
-        for side in ("base", "self"):
-            for task in group_indices(samples):
-                pre = metrics[f"kl/pre/{task}/mean"]
-                k_post = metrics[f"kl/post/{name}/teacher={side}/{task}/mean"]
-                metrics[f"kl/closure/{name}/teacher={side}/{task}"] = 1.0 - k_post / pre if pre > 0 else float("nan")
+                                    batch_size=batch_size, label=label, source=source, records=records))
+    tasks = list(group_indices(samples))
+    for source in sources:
+        # checked, not assumed: the identical-token claim of source=data is in the output
+        metrics[f"kl/{source}/same_tokens"] = float(all(ids == scored_ids[source][0] for ids in scored_ids[source]))
+        for name in post:
+            for side in ("base", "self"):
+                for task in tasks:
+                    pre = metrics[f"kl/{source}/pre/{task}/mean"]
+                    k_post = metrics[f"kl/{source}/post/{name}/teacher={side}/{task}/mean"]
+                    metrics[f"kl/{source}/closure/{name}/teacher={side}/{task}"] = (
+                        1.0 - k_post / pre if pre > 0 else float("nan"))
     metrics.update({f"time/kl/{k}_s": v for k, v in times.items()})
     metrics["time/kl_s"] = sum(times.values())
     return metrics
@@ -286,7 +341,7 @@ def _check_same_tokens(base: Backend, other: Backend, sample: Sample, name: str)
 # per-token attribution
 
 
-def token_table(backend: Backend, records: list[dict], measure: str = "pre", top: int = 20) -> list[dict]:
+def token_table(backend: Backend, records: list[dict], measure: str = "data/pre", top: int = 20) -> list[dict]:
     """Which tokens carry the KL of one measure: per token string, occurrences, mean KL, and share of
     the measure's total KL mass (sum over all scored tokens), sorted by that share."""
     totals: dict[str, list[float]] = {}
@@ -307,7 +362,7 @@ def _piece(backend: Backend, i: int) -> str:
     return backend.decode([i]) or ("<eos>" if i == backend.eos_id else f"<id {i}>")
 
 
-def highlight_html(backend: Backend, records: list[dict], measure: str = "pre", limit: int = 8) -> str:
+def highlight_html(backend: Backend, records: list[dict], measure: str = "data/pre", limit: int = 8) -> str:
     """An HTML page showing `limit` completions of one measure, each token's background as red as its
     KL (scale: the 99th percentile of the measure's per-token KL); hover shows the value."""
     rows = [r for r in records if r["measure"] == measure]
@@ -338,11 +393,14 @@ def highlight_html(backend: Backend, records: list[dict], measure: str = "pre", 
 
 
 __all__ = [
+    "SOURCES",
     "Completions",
+    "check_sources",
     "contexts_for",
     "highlight_html",
     "kl_diagnostic",
     "kl_sanity",
+    "sources_of",
     "student_completions",
     "token_kl",
     "token_table",

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from visual_opsd.diagnostics.attention import ATTENTION_SPANS, VT_KINDS  # noqa: E402
 from visual_opsd.diagnostics.interventions import INTERVENTION_MODES  # noqa: E402
+from visual_opsd.diagnostics.kl import sources_of  # noqa: E402
 
 DEFINITIONS = {
     "interventions": (
@@ -39,9 +40,10 @@ DEFINITIONS = {
         "KL( p_T(. | C_T, y<t) || p_S(. | C_S, y<t) ) ] in nats/token, the same completion ids scored under "
         "both contexts, full vocabulary (no top-k, no clip), via losses.generalized_jsd(beta=0). C_S = "
         "question + problem image; C_T = C_S + framing + VT images + transition. K_pre: base weights W0 on both "
-        "sides, y ~ W0(. | C_S). K_post (trained W1), y ~ W1(. | C_S) (or the data traces): teacher=base puts "
-        "W0 with VTs on the teacher side; teacher=self puts W1 with VTs there; the student side is W1 on C_S. "
-        "Gap closure = 1 - K_post / K_pre."
+        "sides. K_post (trained W1): teacher=base puts W0 with VTs on the teacher side; teacher=self puts W1 "
+        "with VTs there; the student side is W1 on C_S. Completions y, per source: data = the data's text-only "
+        "traces, the same ids for K_pre and K_post (identical tokens); student = y ~ W0(. | C_S) for K_pre and "
+        "y ~ W1(. | C_S) for K_post (different tokens). Gap closure = 1 - K_post / K_pre within one source."
     ),
 }
 
@@ -188,42 +190,59 @@ def attention_plot(metrics: dict[str, float], path: Path) -> None:
 # kl
 
 
-def kl_markdown(metrics: dict[str, float], meta: dict[str, Any], tokens: list[dict] | None = None) -> str:
-    lines = _header("kl", "KL diagnostic", meta)
-    if meta.get("kl", {}).get("source", "student") == "student":
-        lines += ["Completions scored: each measured student's own samples y ~ p_student(. | C_S) (K_pre: the base "
-                  "model's; K_post: the trained model's), temperature as configured.", ""]
-    else:
-        lines += ["Completions scored: the data's text-only traces, the same ids for every measure.", ""]
-    tasks = _tasks(metrics, "kl/pre")
-    lines += ["| measure | teacher side | student side | " + " | ".join(f"{t}: K [95% CI] (n)" for t in tasks)
-              + " |", "|---|---|---|" + "---|" * len(tasks)]
+# what each completion source scores, for the markdown
+SOURCE_TEXT = {
+    "data": "the data's text-only traces, the same ids for K_pre and every K_post (identical tokens before and "
+            "after)",
+    "student": "each measured model's own samples y ~ p(. | C_S) at the configured temperature (K_pre: the base "
+               "model's; K_post: the trained model's), so K_pre and K_post are in general taken on different tokens",
+}
 
-    def row(label: str, teacher: str, student: str, prefix: str) -> str:
+
+def kl_markdown(metrics: dict[str, float], meta: dict[str, Any], tokens: list[dict] | None = None) -> str:
+    """One section per completion source, the headline first: K_pre and K_post per task, then the
+    gap closure per trained model and teacher side; then the sanity check and the token table."""
+    lines = _header("kl", "KL diagnostic", meta)
+    sources = sources_of(metrics)
+
+    def row(label: str, teacher: str, student: str, prefix: str, tasks: list[str]) -> str:
         cells = [f"{metrics[f'{prefix}/{t}/mean']:.4f} [{metrics[f'{prefix}/{t}/ci95_lo']:.4f}, "
                  f"{metrics[f'{prefix}/{t}/ci95_hi']:.4f}] ({metrics[f'{prefix}/{t}/n']})" for t in tasks]
         return f"| {label} | {teacher} | {student} | " + " | ".join(cells) + " |"
 
-    lines.append(row("K_pre", "base + VTs (C_T)", "base (C_S)", "kl/pre"))
-    names = _tasks(metrics, "kl/post")
-    for name in names:
-        lines.append(row(f"K_post {name}", "base + VTs (C_T)", f"{name} (C_S)", f"kl/post/{name}/teacher=base"))
-        lines.append(row(f"K_post {name}", f"{name} + VTs (C_T)", f"{name} (C_S)", f"kl/post/{name}/teacher=self"))
-    if names:
-        lines += ["", "Gap closure 1 - K_post / K_pre:", "",
-                  "| model | teacher side | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for i, source in enumerate(sources):
+        head = f"kl/{source}"
+        tasks = _tasks(metrics, f"{head}/pre")
+        role = "headline" if i == 0 else "beside the headline"
+        same = "yes" if metrics.get(f"{head}/same_tokens") == 1.0 else "no"
+        lines += [f"## Completions: {source} ({role})", "", f"Completions scored: {SOURCE_TEXT[source]}. "
+                  f"Identical ids for K_pre and every K_post: {same}.", "",
+                  "| measure | teacher side | student side | "
+                  + " | ".join(f"{t}: K [95% CI] (n)" for t in tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+        lines.append(row("K_pre", "base + VTs (C_T)", "base (C_S)", f"{head}/pre", tasks))
+        names = _tasks(metrics, f"{head}/post")
         for name in names:
-            for side in ("base", "self"):
-                cells = [f"{100 * metrics[f'kl/closure/{name}/teacher={side}/{t}']:.1f}%" for t in tasks]
-                lines.append(f"| {name} | {side} | " + " | ".join(cells) + " |")
+            lines.append(row(f"K_post {name}", "base + VTs (C_T)", f"{name} (C_S)",
+                             f"{head}/post/{name}/teacher=base", tasks))
+            lines.append(row(f"K_post {name}", f"{name} + VTs (C_T)", f"{name} (C_S)",
+                             f"{head}/post/{name}/teacher=self", tasks))
+        if names:
+            lines += ["", f"Gap closure 1 - K_post / K_pre ({source} completions):", "",
+                      "| model | teacher side | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+            for name in names:
+                for side in ("base", "self"):
+                    cells = [f"{100 * metrics[f'{head}/closure/{name}/teacher={side}/{t}']:.1f}%" for t in tasks]
+                    lines.append(f"| {name} | {side} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "kl/sanity/passed" in metrics:
         ok = "PASSED" if metrics["kl/sanity/passed"] == 1.0 else "FAILED"
-        lines += ["", f"**Sanity {ok}**: identical contexts max |KL| = {metrics['kl/sanity/identical/max_abs']:.3g} "
+        lines += [f"**Sanity {ok}**: identical contexts max |KL| = {metrics['kl/sanity/identical/max_abs']:.3g} "
                   f"(must be exactly 0); swapped contexts vs reverse KL (beta=1) max |diff| = "
                   f"{metrics['kl/sanity/swapped/max_abs_diff']:.3g} (reverse KL up to "
                   f"{metrics['kl/sanity/reverse/max']:.3g})."]
     if tokens:
-        lines += ["", "## Which tokens carry the KL (K_pre)", "",
+        headline = sources[0] if sources else "data"
+        lines += ["", f"## Which tokens carry the KL (K_pre, {headline} completions)", "",
                   "Share = the token's part of the total KL mass over all scored tokens. Highlighted text: "
                   "[kl_tokens.html](kl_tokens.html).", "",
                   "| token | count | mean KL (nats) | share of KL mass |", "|---|---|---|---|"]
@@ -233,31 +252,36 @@ def kl_markdown(metrics: dict[str, float], meta: dict[str, Any], tokens: list[di
 
 
 def kl_plot(metrics: dict[str, float], path: Path, records: list[dict] | None = None) -> None:
-    """Left: K per task for every measure with 95% intervals. Right: histogram of K_pre's per-token KL."""
+    """Left: K per (source, task) for every measure with 95% intervals. Right: histogram of the
+    headline source's K_pre per-token KL."""
     fig, (ax, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
-    tasks = _tasks(metrics, "kl/pre")
-    measures = [("K_pre", "kl/pre")]
-    for name in _tasks(metrics, "kl/post"):
-        measures += [(f"{name} (teacher=base)", f"kl/post/{name}/teacher=base"),
-                     (f"{name} (teacher=self)", f"kl/post/{name}/teacher=self")]
+    sources = sources_of(metrics)
+    groups = [(source, task) for source in sources for task in _tasks(metrics, f"kl/{source}/pre")]
+    names = list(dict.fromkeys(n for source in sources for n in _tasks(metrics, f"kl/{source}/post")))
+    measures = [("K_pre", "pre")]
+    for name in names:
+        measures += [(f"{name} (teacher=base)", f"post/{name}/teacher=base"),
+                     (f"{name} (teacher=self)", f"post/{name}/teacher=self")]
     width = 0.8 / len(measures)
-    for j, (label, prefix) in enumerate(measures):
-        mean = [metrics[f"{prefix}/{t}/mean"] for t in tasks]
-        err = [[m - metrics[f"{prefix}/{t}/ci95_lo"] for m, t in zip(mean, tasks, strict=True)],
-               [metrics[f"{prefix}/{t}/ci95_hi"] - m for m, t in zip(mean, tasks, strict=True)]]
-        ax.bar([i + (j - (len(measures) - 1) / 2) * width for i in range(len(tasks))], mean, width, yerr=err,
+    for j, (label, measure) in enumerate(measures):
+        keys = [f"kl/{source}/{measure}/{task}" for source, task in groups]
+        mean = [metrics.get(f"{k}/mean", float("nan")) for k in keys]
+        err = [[m - metrics.get(f"{k}/ci95_lo", m) for m, k in zip(mean, keys, strict=True)],
+               [metrics.get(f"{k}/ci95_hi", m) - m for m, k in zip(mean, keys, strict=True)]]
+        ax.bar([i + (j - (len(measures) - 1) / 2) * width for i in range(len(groups))], mean, width, yerr=err,
                capsize=3, label=label)
-    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(len(groups)), [f"{task}\n{source} completions" for source, task in groups])
     ax.set_ylabel("K (nats / token)")
     ax.set_title("KL(p(.|C_T, y<t) || p(.|C_S, y<t))")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    values = [v for r in records or [] if r["measure"] == "pre" for v, f in zip(r["kl"], r["scored"], strict=True)
-              if f]
+    headline = f"{sources[0]}/pre" if sources else "data/pre"
+    values = [v for r in records or [] if r["measure"] == headline
+              for v, f in zip(r["kl"], r["scored"], strict=True) if f]
     if values:
         ax_hist.hist(values, bins=50)
         ax_hist.set_yscale("log")
-    ax_hist.set_xlabel("per-token KL (nats), K_pre")
+    ax_hist.set_xlabel(f"per-token KL (nats), K_pre, {headline.split('/')[0]} completions")
     ax_hist.set_ylabel("tokens")
     ax_hist.set_title("Where the KL sits: per-token distribution")
     fig.tight_layout()
@@ -293,12 +317,14 @@ def write_diagnostic(
     elif what == "kl":
         from visual_opsd.diagnostics.kl import highlight_html, token_table
 
-        tokens = token_table(backend, records, "pre", top_tokens) if records and backend is not None else None
+        sources = sources_of(metrics)
+        measure = f"{sources[0] if sources else 'data'}/pre"  # the headline source's K_pre
+        tokens = token_table(backend, records, measure, top_tokens) if records and backend is not None else None
         paths["md"].write_text(kl_markdown(metrics, meta, tokens) + "\n")
         kl_plot(metrics, paths["png"], records)
         if records and backend is not None:
             paths["html"] = out / "kl_tokens.html"
-            paths["html"].write_text(highlight_html(backend, records, "pre", show))
+            paths["html"].write_text(highlight_html(backend, records, measure, show))
     else:
         raise ValueError(f"unknown diagnostic {what!r}")
     if records:

@@ -8,7 +8,23 @@
 Samples come from `data.path` (any format `load_dataset` reads; the first `data.n` of each task) or
 are generated (`data.tasks`, `data.n` each, split `data.split`; mazes with one patch per cell).
 Each diagnostic writes `<what>.json`, `<what>.md` and `<what>.png` under `out_dir` (kl also
-`kl_tokens.html`); the exit status is 1 when the KL sanity check fails.
+`kl_tokens.html`); the exit status is 1 when the KL sanity check fails. The KL diagnostic measures
+every completion source of `kl.sources` in one run (default `[data, student]`: the data's traces,
+identical tokens before and after, as the headline; the measured models' own samples beside it).
+
+`report_fields` gives the study report's `interventions` and `kl` entries; the `kl` entry is
+    {"headline": "closure",                       # which of the two entries below leads (kl.sources[0])
+     "closure": {                                 # identical tokens: completions = the data's traces
+         "completions": "data", "same_tokens": true,
+         "teacher_side": "base",                  # base: the frozen SFT teacher with the data's VTs;
+                                                  # self: each trained model with the VTs
+         "k_pre": 2.12,                           # nats/token, base model on both sides
+         "k_post": {"opsd": 0.89, ...},           # nats/token per trained model
+         "per_model": {"opsd": 0.58, ...}},       # gap closure 1 - k_post / k_pre, a fraction
+     "closure_student_samples": {                 # the same fields; completions = "student": K_pre on
+         "completions": "student", ...}}          # the base model's samples, K_post on each model's own
+Figures are pooled over tasks (`all`) when there are several; an entry whose source was not
+measured is left out.
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from visual_opsd.config import ConfigError, to_dict
 from visual_opsd.diagnostics.attention import VT_KINDS, attention_fractions
 from visual_opsd.diagnostics.common import load_backend, model_folder
 from visual_opsd.diagnostics.interventions import INTERVENTION_MODES, interventions
-from visual_opsd.diagnostics.kl import kl_diagnostic, kl_sanity
+from visual_opsd.diagnostics.kl import SOURCES, check_sources, kl_diagnostic, kl_sanity, sources_of
 from visual_opsd.diagnostics.output import write_diagnostic
 from visual_opsd.sample import Sample
 
@@ -85,8 +101,10 @@ class AttentionConfig:
 
 @dataclass
 class KLConfig:
-    source: Literal["student", "data"] = field(
-        default="student", metadata={"help": "completions: student samples (on-policy) or the data's text-only traces"})
+    sources: list[Literal["data", "student"]] = field(
+        default_factory=lambda: list(SOURCES),
+        metadata={"help": "completions, each measured, the first is the headline: data = the data's text-only "
+                          "traces (identical tokens before and after), student = the measured model's samples"})
     vt_mode: Literal["data", "noise", "shuffled", "none"] = field(
         default="data", metadata={"help": "VTs in the teacher context C_T"})
     n_completions: int = field(default=1, metadata={"help": "student completions per sample"})
@@ -104,6 +122,7 @@ class KLConfig:
             raise ValueError("kl: n_completions, max_new_tokens, batch_size >= 1 and temperature > 0")
         if self.max_image_skips < 0 or self.top_tokens < 0 or self.show < 0 or self.sanity_samples < 1:
             raise ValueError("kl: max_image_skips, top_tokens, show >= 0 and sanity_samples >= 1")
+        check_sources(self.sources)  # non-empty, known, no repeats
 
 
 @dataclass
@@ -216,13 +235,14 @@ def diagnose(cfg: DiagnoseConfig) -> dict[str, dict[str, float]]:
             posts = post_models(cfg.post)
             meta["post"] = {name: str(model_folder(p)) for name, p in posts.items()}
             metrics = {}
-            if c.sanity:
+            if c.sanity:  # on the headline source's completions
                 t_sanity = time.perf_counter()
-                metrics.update(kl_sanity(backend, samples[: c.sanity_samples], source=c.source, vt_mode=c.vt_mode,
-                                         max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=cfg.seed))
+                metrics.update(kl_sanity(backend, samples[: c.sanity_samples], source=c.sources[0],
+                                         vt_mode=c.vt_mode, max_new_tokens=c.max_new_tokens,
+                                         batch_size=c.batch_size, seed=cfg.seed))
                 metrics["time/kl/sanity_s"] = time.perf_counter() - t_sanity
             metrics.update(kl_diagnostic(
-                backend, samples, post={name: load_backend(p) for name, p in posts.items()}, source=c.source,
+                backend, samples, post={name: load_backend(p) for name, p in posts.items()}, sources=c.sources,
                 vt_mode=c.vt_mode, n_completions=c.n_completions, temperature=c.temperature,
                 max_new_tokens=c.max_new_tokens, max_image_skips=c.max_image_skips, batch_size=c.batch_size,
                 seed=cfg.seed, records=records, progress=cfg.progress))
@@ -236,10 +256,19 @@ def diagnose(cfg: DiagnoseConfig) -> dict[str, dict[str, float]]:
     return results
 
 
+# report.json's key for the gap closure of each completion source
+CLOSURE_KEYS = {"data": "closure", "student": "closure_student_samples"}
+
+
 def report_fields(results: dict[str, dict[str, float]], teacher_side: str = "base") -> dict[str, Any]:
     """The `interventions` and `kl` entries of the study's report.json (report.py) from `diagnose`'s
     results: pooled over tasks (`all`) when there are several, else the one task's numbers; the gap
-    closure with the teacher side `teacher_side` ("base" or "self")."""
+    closures with the teacher side `teacher_side` ("base": the frozen base model, i.e. the SFT
+    teacher, with the data's VTs; "self": each trained model with them). The `kl` shape is in the
+    module docstring: `closure` = identical tokens (the data's traces), `closure_student_samples` =
+    the models' own samples, `headline` = the key of the first measured source."""
+    if teacher_side not in ("base", "self"):
+        raise ValueError(f"teacher_side must be 'base' or 'self', got {teacher_side!r}")
     out: dict[str, Any] = {"interventions": {}, "kl": {}}
     inter = results.get("interventions", {})
     for mode in INTERVENTION_MODES:
@@ -248,12 +277,22 @@ def report_fields(results: dict[str, dict[str, float]], teacher_side: str = "bas
             out["interventions"][mode] = {"accuracy": inter[key], "ci95": [inter[key.replace("accuracy", "ci95_lo")],
                                                                           inter[key.replace("accuracy", "ci95_hi")]]}
     kl = results.get("kl", {})
-    pre = _pooled(kl, "kl/pre/{task}/mean")
-    if pre:
-        names = list(dict.fromkeys(k.split("/")[2] for k in kl if k.startswith("kl/post/")))
-        post = {n: kl[_pooled(kl, f"kl/post/{n}/teacher={teacher_side}/{{task}}/mean")] for n in names}
-        closure = {n: kl[_pooled(kl, f"kl/closure/{n}/teacher={teacher_side}/{{task}}")] for n in names}
-        out["kl"] = {"pre": kl[pre], "post": post, "closure": closure, "teacher_side": teacher_side}
+    for source in sources_of(kl):
+        head = f"kl/{source}"
+        pre = _pooled(kl, f"{head}/pre/{{task}}/mean")
+        if not pre:
+            continue
+        names = list(dict.fromkeys(k.split("/")[3] for k in kl if k.startswith(f"{head}/post/")))
+        side = f"teacher={teacher_side}"
+        out["kl"].setdefault("headline", CLOSURE_KEYS[source])
+        out["kl"][CLOSURE_KEYS[source]] = {
+            "completions": source,
+            "same_tokens": kl.get(f"{head}/same_tokens") == 1.0,
+            "teacher_side": teacher_side,
+            "k_pre": kl[pre],
+            "k_post": {n: kl[_pooled(kl, f"{head}/post/{n}/{side}/{{task}}/mean")] for n in names},
+            "per_model": {n: kl[_pooled(kl, f"{head}/closure/{n}/{side}/{{task}}")] for n in names},
+        }
     return out
 
 
@@ -276,7 +315,7 @@ def _summary_line(what: str, metrics: dict[str, float]) -> str:
         items = [(k[len("attention/") : -len("/all_layers/mean")], v) for k, v in metrics.items()
                  if k.endswith("/all_layers/mean")]
         return "  " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in items)
-    items = [(k, v) for k, v in metrics.items()
-             if (k.startswith("kl/pre/") or k.startswith("kl/post/")) and k.endswith("/mean")]
-    items += [(k, v) for k, v in metrics.items() if k.startswith("kl/closure/")]
+    items = [(k, v) for k, v in metrics.items() if k.startswith("kl/") and k.endswith("/mean")
+             and k.split("/")[2] in ("pre", "post")]
+    items += [(k, v) for k, v in metrics.items() if k.startswith("kl/") and k.split("/")[2:3] == ["closure"]]
     return "\n".join(f"  {k} = {v:.4f}" for k, v in items)

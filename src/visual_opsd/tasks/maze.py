@@ -13,10 +13,12 @@ A problem is an L x L frozen lake (grid symbols as VSP's tables: `@` elf start, 
 - Answer: the BFS shortest path; among equally short paths, the one whose move string is
   lexicographically smallest under the order L < R < U < D (at each step the first move in that
   order that gets one step closer to the goal).
-- Images: `render_maze` draws VSP's look (snowy ice tiles, blue-grey grid lines, water holes, an elf,
-  a gift box) at 64 px per cell and shrinks each cell separately (area-averaging) for smaller
-  `cell_px`, so a cell's mean colour is the same at every size. The VT is the same map with the path
-  as a red line through the cell centres and an arrowhead where it enters each cell.
+- Images: `render_maze` draws maps exactly as VSP's images were made, gym FrozenLake's
+  `render_mode="rgb_array"` with gym's own sprites (vendored in `assets/frozenlake/`), at 64 px per
+  cell: a VSP map's table renders pixel-identical to its image. Smaller `cell_px` shrinks each cell
+  separately (area-averaging, `resize_cells`), so a cell's mean colour is the same at every size. The
+  VT is the same map with the path as a red line through the cell centres and an arrowhead where it
+  enters each cell.
 - Reading images back: `read_grid` and `read_path_cells` classify each cell by its mean colour
   against the known mean colours of the tiles; they work down to 4 px per cell and are what VT
   fidelity is measured with.
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
 import itertools
-import math
 import random
 import re
 from collections import deque
@@ -85,12 +87,13 @@ def _neighbours(grid: Grid, cell: Cell) -> list[tuple[str, Cell]]:
     return out
 
 
-def shortest_path(grid: Grid) -> list[str] | None:
+def shortest_path(grid: Grid, rng: random.Random | None = None) -> list[str] | None:
     """The BFS shortest move list from the elf to the gift, or None when the gift is unreachable.
 
     Ties: BFS from the goal gives every cell its distance; walking from the start, each step takes
     the first move in L, R, U, D order that lowers the distance by one. The result is the
-    lexicographically smallest shortest path under L < R < U < D. Holes are never entered.
+    lexicographically smallest shortest path under L < R < U < D. With `rng`, each step instead
+    takes one of those moves at random (uniformly): a random shortest path. Holes are never entered.
     """
     start, goal = find_symbol(grid, PLAYER), find_symbol(grid, GOAL)
     dist = {goal: 0}
@@ -105,7 +108,8 @@ def shortest_path(grid: Grid) -> list[str] | None:
         return None
     moves, cell = [], start
     while cell != goal:
-        move, cell = next((m, nxt) for m, nxt in _neighbours(grid, cell) if dist.get(nxt) == dist[cell] - 1)
+        closer = [(m, nxt) for m, nxt in _neighbours(grid, cell) if dist.get(nxt) == dist[cell] - 1]
+        move, cell = closer[0] if rng is None else rng.choice(closer)
         moves.append(move)
     return moves
 
@@ -145,86 +149,66 @@ def random_grid(rng: random.Random, size: int, hole_prob: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Rendering (sprites drawn with PIL at 64 px per cell, in the look of VSP's gym FrozenLake images)
+# Rendering (gym FrozenLake's own sprites, composed as gym's `render_mode="rgb_array"` does)
 
 _PATH_RED = (220, 30, 30)
-_ICE = (241, 247, 252)
-_ICE_DRIFT = (214, 230, 247)
-_ICE_FRAME = (206, 228, 250)
-_GRID_LINE = (176, 198, 226)
+_GRID_LINE = (180, 200, 230)  # gym's 1 px cell border
 _LINE_HALF = 5  # the path line is 10 px wide at 64 px per cell
 _START_DOT = 9  # radius of the dot marking where the path starts
 _SIDES = ("L", "R", "U", "D")
+# Sprites vendored from gymnasium 1.3.0 (assets/frozenlake/README.md says which and why only these).
+_SPRITE_FILES = {"ice": "ice.png", "hole": "hole.png", "goal": "goal.png", "elf": "elf_down.png"}
+
+
+@functools.cache
+def _sprite(name: str) -> np.ndarray:
+    """A FrozenLake sprite as (64, 64, 4) int64 RGBA, scaled the way gym scales it. Cached; read-only.
+
+    gym loads the 32 px sprites with pygame and `pygame.transform.scale`s them to the cell size;
+    at 64 px per cell that is an exact 2x pixel doubling, i.e. nearest-neighbour.
+    """
+    resource = importlib.resources.files("visual_opsd.tasks") / "assets" / "frozenlake" / _SPRITE_FILES[name]
+    try:
+        with resource.open("rb") as f, Image.open(f) as im:
+            rgba = im.convert("RGBA").resize((TILE_PX, TILE_PX), Image.Resampling.NEAREST)
+    except OSError as e:  # missing, unreadable or not an image
+        raise FileNotFoundError(
+            f"FrozenLake sprite {_SPRITE_FILES[name]} missing from visual_opsd/tasks/assets/frozenlake "
+            f"(package data of visual-opsd; reinstall the package): {e}"
+        ) from None
+    out = np.asarray(rgba, np.int64)
+    out.flags.writeable = False
+    return out
+
+
+def _blit(dst: np.ndarray, sprite: np.ndarray) -> np.ndarray:
+    """`sprite` (RGBA) alpha-blended over `dst` (RGB) with pygame's integer formula, so that the
+    half-transparent pixels of gym's sprites come out exactly as in gym's renders."""
+    rgb, alpha = sprite[..., :3], sprite[..., 3:]
+    return dst + (((rgb - dst) * alpha + rgb) >> 8)
 
 
 @functools.cache
 def _base_tile(symbol: str) -> Image.Image:
-    """One 64 x 64 cell without path marks. Cached; callers must not draw on the result."""
-    tile = Image.new("RGB", (TILE_PX, TILE_PX), _ICE)
-    d = ImageDraw.Draw(tile)
-    # Snow drifts: soft wavy bands with a white crest, as in gym's ice texture.
-    for x0, y0, x1, y1 in ((3, 8, 38, 20), (26, 28, 62, 40), (4, 45, 36, 57)):
-        d.ellipse((x0, y0, x1, y1), fill=_ICE_DRIFT)
-        d.ellipse((x0 + 4, y0 - 2, x1 - 6, y1 - 6), fill=(252, 253, 255))
-    d.rectangle((1, 1, TILE_PX - 2, TILE_PX - 2), outline=_ICE_FRAME)
-    d.rectangle((0, 0, TILE_PX - 1, TILE_PX - 1), outline=_GRID_LINE)
-    if symbol == HOLE:
-        _draw_hole(d)
-    elif symbol == PLAYER:
-        _draw_elf(d)
-    elif symbol == GOAL:
-        _draw_gift(d)
-    elif symbol != LAND:
+    """One 64 x 64 cell without path marks, as gym's `_render_gui` paints it. Cached; callers must
+    not draw on the result.
+
+    gym: ice on every cell; the hole or goal sprite over it (and a stool on the start, which the elf
+    hides completely); a 1 px border; then the elf on the player's cell. VSP's `@` is both gym's
+    start and the elf at reset, so the elf is drawn on `@`, facing down (gym's pose before any move).
+    """
+    if symbol not in (HOLE, PLAYER, GOAL, LAND):
         raise ValueError(f"unknown grid symbol {symbol!r}")
-    return tile
-
-
-def _blob(radius: float, wobble: float) -> list[tuple[float, float]]:
-    """A roundish, slightly irregular outline around the tile centre (a melted patch of ice)."""
-    points = []
-    for k in range(48):
-        t = 2 * math.pi * k / 48
-        r = radius + wobble * (math.sin(3 * t + 0.5) + 0.6 * math.cos(5 * t))
-        points.append((32 + r * math.cos(t), 33 + 0.92 * r * math.sin(t)))
-    return points
-
-
-def _draw_hole(d: ImageDraw.ImageDraw) -> None:
-    d.polygon(_blob(27, 1.6), fill=(30, 120, 195))  # dark rim
-    d.polygon(_blob(25, 1.6), fill=(64, 190, 240))  # water
-    d.polygon(_blob(16, 1.0), fill=(88, 210, 246))  # lighter middle
-    for x in (18, 27, 36):  # diagonal glints
-        d.line((x, 46, x + 10, 22), fill=(160, 240, 253), width=2)
-
-
-def _draw_elf(d: ImageDraw.ImageDraw) -> None:
-    outline = (60, 40, 45)
-    d.ellipse((20, 52, 44, 58), fill=(200, 216, 232))  # shadow
-    d.polygon([(20, 24), (44, 24), (34, 5)], fill=(70, 160, 60), outline=(40, 90, 40))  # hat
-    d.rectangle((20, 21, 44, 25), fill=(235, 190, 60))  # hat band
-    d.rectangle((20, 26, 44, 31), fill=(150, 70, 45))  # hair
-    d.rectangle((16, 28, 20, 33), fill=(250, 200, 165))  # ears
-    d.rectangle((44, 28, 48, 33), fill=(250, 200, 165))
-    d.rectangle((23, 27, 41, 38), fill=(250, 200, 165), outline=outline)  # face
-    d.rectangle((27, 31, 28, 33), fill=outline)  # eyes
-    d.rectangle((36, 31, 37, 33), fill=outline)
-    d.rectangle((21, 39, 43, 50), fill=(60, 140, 70), outline=outline)  # tunic
-    d.rectangle((22, 44, 42, 46), fill=(235, 190, 60))  # belt
-    d.rectangle((24, 50, 30, 55), fill=(90, 55, 40))  # boots
-    d.rectangle((34, 50, 40, 55), fill=(90, 55, 40))
-
-
-def _draw_gift(d: ImageDraw.ImageDraw) -> None:
-    outline = (70, 40, 25)
-    orange, gold = (215, 125, 40), (245, 185, 65)
-    d.ellipse((14, 52, 50, 58), fill=(200, 216, 232))  # shadow
-    d.rectangle((16, 30, 48, 55), fill=(150, 90, 50), outline=outline)  # box
-    d.rectangle((14, 24, 50, 32), fill=(175, 108, 60), outline=outline)  # lid
-    d.rectangle((29, 24, 35, 55), fill=orange)  # ribbon
-    d.rectangle((16, 40, 48, 44), fill=orange)
-    d.ellipse((17, 12, 32, 26), outline=orange, width=4, fill=gold)  # bow loops and knot
-    d.ellipse((32, 12, 47, 26), outline=orange, width=4, fill=gold)
-    d.rectangle((29, 17, 35, 25), fill=orange, outline=outline)
+    tile = _sprite("ice")[..., :3].copy()
+    if symbol == HOLE:
+        tile = _blit(tile, _sprite("hole"))
+    elif symbol == GOAL:
+        tile = _blit(tile, _sprite("goal"))
+    tile[[0, -1], :] = _GRID_LINE
+    tile[:, [0, -1]] = _GRID_LINE
+    if symbol == PLAYER:
+        tile = _blit(tile, _sprite("elf"))
+    return Image.fromarray(tile.astype(np.uint8), "RGB")
 
 
 def _mark_polygons(side: str, entry: bool) -> list[list[tuple[float, float]]]:
@@ -266,12 +250,15 @@ def _tile(symbol: str, marks: frozenset[Mark], cell_px: int) -> Image.Image:
             else:
                 for poly in _mark_polygons(side, entry=what == "in"):
                     d.polygon(poly, fill=_PATH_RED)
-    if cell_px == TILE_PX:
-        return tile
-    # Area-averaging keeps each cell's mean colour when shrinking; nearest keeps pixel art crisp
-    # when enlarging.
-    resample = Image.Resampling.BOX if cell_px < TILE_PX else Image.Resampling.NEAREST
-    return tile.resize((cell_px, cell_px), resample)
+    return tile if cell_px == TILE_PX else _resize_cell(tile, cell_px)
+
+
+def _resize_cell(cell: Image.Image, cell_px: int, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """`cell` (or its `box` region) as `cell_px` x `cell_px`: area-averaging when shrinking keeps the
+    cell's mean colour; nearest when enlarging keeps the pixel art crisp."""
+    w, h = (cell.width, cell.height) if box is None else (box[2] - box[0], box[3] - box[1])
+    resample = Image.Resampling.BOX if cell_px <= min(w, h) else Image.Resampling.NEAREST
+    return cell.resize((cell_px, cell_px), resample, box=box)
 
 
 _OPPOSITE = {"L": "R", "R": "L", "U": "D", "D": "U"}
@@ -303,6 +290,32 @@ def render_maze(grid: Grid, path: str | Sequence[str] | None = None, cell_px: in
             tile = _tile(symbol, frozenset(marks.get((r, c), ())), cell_px)
             image.paste(tile, (c * cell_px, r * cell_px))
     return image
+
+
+def resize_cells(image: Image.Image, size: int, cell_px: int) -> Image.Image:
+    """A picture of a `size` x `size` map (a VSP image, a render) as `cell_px` pixels per cell, RGB.
+
+    Each cell is resized on its own, exactly as `render_maze` resizes its 64 px tiles (so a VSP
+    image shrunk here equals our render of its table at `cell_px`), and cells never blend into their
+    neighbours: one model patch per cell reads one cell. Cell boundaries are those of
+    `cell_mean_colours` (rounded, for a side that is not a multiple of `size`).
+    """
+    if size < 1 or cell_px < 1:
+        raise ValueError(f"size and cell_px must be at least 1, got size={size}, cell_px={cell_px}")
+    image = image.convert("RGB")
+    w, h = image.size
+    if w < size or h < size:
+        raise ValueError(f"a {w}x{h} image cannot hold a {size}x{size} grid")
+    if (w, h) == (size * cell_px, size * cell_px):
+        return image
+    ys = np.linspace(0, h, size + 1).round().astype(int)
+    xs = np.linspace(0, w, size + 1).round().astype(int)
+    out = Image.new("RGB", (size * cell_px, size * cell_px))
+    for r in range(size):
+        for c in range(size):
+            box = (int(xs[c]), int(ys[r]), int(xs[c + 1]), int(ys[r + 1]))
+            out.paste(_resize_cell(image, cell_px, box), (c * cell_px, r * cell_px))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,40 +429,59 @@ def question_text(size: int) -> str:
 
 
 def _thoughts(grid: Grid, moves: Sequence[str]) -> list[str]:
-    start, goal = find_symbol(grid, PLAYER), find_symbol(grid, GOAL)
-    before = (
-        f"The elf is at {_cell(start)} and the gift is at {_cell(goal)} . "
-        "I will draw a safe path from the elf to the gift on the map ."
-    )
-    cells = path_cells(grid, moves)
-    steps = " , ".join(f"{m} to {_cell(cell)}" for m, cell in zip(moves, cells[1:], strict=True))
-    after = f"Reading the red path from the elf : {steps} , which is the gift . No step enters a hole ."
-    return [before, after]
+    """The interleaved trace's text: what the map shows (elf, gift, holes), the VT that draws the
+    plan, then the plan read off the drawn path in exactly the step lines of the text-only trace.
+
+    The text-only trace (`_text_only_trace`) writes the same observations and the same step lines,
+    worked out in text. So the two modes share their format and differ in where the steps come
+    from: the drawn path (read after the VT here, or in the privileged teacher context) or text
+    planning (the student's mode). Distillation then moves content, not format."""
+    plan = f"{_observations(grid)} I will draw the path on the map ."
+    return [plan, _step_lines(grid, moves)]
 
 
-def _text_only_trace(grid: Grid, moves: Sequence[str]) -> str:
+def _observations(grid: Grid) -> str:
     start, goal = find_symbol(grid, PLAYER), find_symbol(grid, GOAL)
     holes = [(r, c) for r, row in enumerate(grid) for c, ch in enumerate(row) if ch == HOLE]
     hole_text = f"The holes are at {' '.join(_cell(h) for h in holes)} ." if holes else "There are no holes ."
+    return f"The elf is at {_cell(start)} and the gift is at {_cell(goal)} . {hole_text}"
+
+
+def _step_lines(grid: Grid, moves: Sequence[str]) -> str:
     cells = path_cells(grid, moves)
-    steps = " ".join(
+    return " ".join(
         f"Step {i} : {m} to {_cell(cell)}{' , the gift' if i == len(moves) else ''} ."
         for i, (m, cell) in enumerate(zip(moves, cells[1:], strict=True), 1)
     )
-    return f"The elf is at {_cell(start)} and the gift is at {_cell(goal)} . {hole_text} {steps}"
+
+
+def _text_only_trace(grid: Grid, moves: Sequence[str]) -> str:
+    return f"{_observations(grid)} {_step_lines(grid, moves)}"
 
 
 # --------------------------------------------------------------------------------------------
 # Samples
 
 
-def sample_from_grid(grid: Grid, id: str, cell_px: int = 64) -> Sample:
-    """A maze sample for `grid`: problem image, VT (the BFS path drawn), thoughts, traces, answer."""
+PATHS = ("first", "random")
+
+
+def sample_from_grid(grid: Grid, id: str, cell_px: int = 64, path: str = "first") -> Sample:
+    """A maze sample for `grid`: problem image, VT (the planned path drawn), thoughts, traces, answer.
+
+    `path`: which shortest path the traces and the VT follow. "first": the lexicographically smallest
+    (`shortest_path`); "random": one drawn at random, the same for the same map (seeded by a hash of
+    the map). With random paths the VT carries what the question alone does not determine (which of
+    the equally short routes the trace takes), as an annotator's drawing does: a model must read the
+    VT to follow it, and the privileged VT changes the teacher's predictions (docs/miniature.md)."""
     problems = grid_problems(grid)
     if problems:
         raise ValueError("invalid maze grid: " + "; ".join(problems))
+    if path not in PATHS:
+        raise ValueError(f"unknown path choice {path!r}; choose one of: {', '.join(PATHS)}")
     grid = list(grid)
-    moves = shortest_path(grid)
+    seed = hashlib.sha256(("path\n" + "\n".join(grid)).encode("utf-8")).hexdigest()
+    moves = shortest_path(grid, random.Random(seed) if path == "random" else None)
     if moves is None:
         raise ValueError("the gift cannot be reached from the elf")
     answer = ",".join(moves)
@@ -480,6 +512,7 @@ def generate(
     cell_px: int = 64,
     hole_prob: tuple[float, float] = DEFAULT_HOLE_PROB,
     exclude: Iterable[Sequence[str]] = (),
+    path: str = "first",
 ) -> list[Sample]:
     """`n` distinct solvable maps of `split`, ids `maze-{split}-{k}`; deterministic in (seed, split).
 
@@ -490,6 +523,8 @@ def generate(
 
     `exclude`: grids never to produce. VSP's test maps come from the same distribution (there are
     only a few thousand likely 3x3 maps), so pass them here when training for a VSP evaluation.
+    `path`: which shortest path each sample's traces and VT follow ("first" or "random", see
+    `sample_from_grid`).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -513,7 +548,7 @@ def generate(
         if key in seen or split_of(grid) != split or shortest_path(grid) is None:
             continue
         seen.add(key)
-        samples.append(sample_from_grid(grid, f"maze-{split}-{len(samples)}", cell_px=cell_px))
+        samples.append(sample_from_grid(grid, f"maze-{split}-{len(samples)}", cell_px=cell_px, path=path))
     if len(samples) < n:
         raise RuntimeError(
             f"found only {len(samples)} of {n} distinct solvable {split} maps of sizes {lo}..{hi} "
