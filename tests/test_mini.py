@@ -565,3 +565,50 @@ def test_padding_kind_is_never_attended(backend, samples):
         alone, _ = model(collate(rows[:1], model.cfg.patch_dim, left_pad=True))
     assert int((collate(rows, model.cfg.patch_dim, True).kind[0] == PAD).sum()) > 0
     assert torch.allclose(batch[0, -1], alone[0, -1], atol=1e-5)
+
+
+# --- the interleaved-mode instruction and the pretraining rows --------------------------------
+
+PROMPT = "Find a path ."  # words the fixture's vocabulary holds: the interleaved-mode instruction here
+
+
+@pytest.fixture(scope="module")
+def moded(backend) -> MiniBackend:
+    return MiniBackend(backend.model, backend.tokenizer, interleaved_prompt=PROMPT)
+
+
+def test_interleaved_mode_decodes_after_its_instruction(moded, samples, tmp_path):
+    """generate_interleaved reads the instruction after the student context; text decoding does not.
+    The trace context replays exactly the sequence generated from, so greedy ids are its argmaxes."""
+    s = samples[0]
+    (trace,) = moded.generate_interleaved([moded.build_context(s)], max_new_tokens=6, vt_steps=2, max_images=0)
+    ctx = moded.build_trace_context(s, [], [])
+    assert ctx.spans("mode") and ctx.num_tokens == moded.build_context(s).num_tokens + len(moded._mode_ids())
+    scores = moded.score([ctx], [trace.ids])
+    first = [j for j in range(len(trace.ids)) if j == 0 or trace.ids[j - 1] != moded.image_start_id]
+    assert [int(scores.logits[0, j].argmax()) for j in first] == [trace.ids[j] for j in first]
+    plain = moded.score([moded.build_context(s)], [trace.ids])  # without the instruction: other predictions
+    assert not torch.allclose(plain.logits, scores.logits)
+    moded.save(tmp_path / "m")
+    assert MiniBackend.load(tmp_path / "m").interleaved_prompt == PROMPT
+
+
+def test_interleaved_rows_carry_the_instruction_without_loss(moded, backend, samples):
+    with_mode = moded.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0))
+    without = backend.training_row(samples[0], "interleaved", torch.Generator().manual_seed(0))
+    n = len(moded._mode_ids())
+    assert len(with_mode.row) == len(without.row) + n
+    assert (with_mode.labels != IGNORE).sum() == (without.labels != IGNORE).sum()  # the instruction is context
+
+
+def test_caption_rows_show_the_vt_alone_and_learn_the_text_only_trace(backend, samples):
+    s = samples[1]
+    ex = backend.training_row(s, "vt_caption")
+    ctx = backend.caption_context(s)
+    cells = s.vt_images[0].size[0] // backend.cfg.patch_size
+    assert ctx.spans("vt_image") == [(2, 2 + cells * cells)] and not ctx.spans("problem_image")
+    assert torch.equal(ex.row.ids[: ctx.num_tokens], ctx.row.ids)
+    labelled = ex.labels[ex.labels != IGNORE].tolist()
+    assert labelled == _completion(backend, s)  # the whole text-only completion, nothing of the context
+    with pytest.raises(ValueError, match="needs a VT image"):
+        backend.caption_context(replace(s, vt_images=[]))

@@ -11,7 +11,12 @@ Per step:
      `data.teacher_context_fraction` of the examples instead put the ground-truth VT in the
      privileged *teacher context* (framing + VT + transition) followed by the text-only completion,
      so the teacher is also sharp where Visual-OPSD queries it;
+     A fraction `data.text_only_fraction` are text-only examples (student context + text-only
+     completion), so the model has a working text-only mode; the interleaved examples carry the
+     model's interleaved-mode instruction, which asks for a drawn VT (docs/miniature.md);
    - data.trace=text_only: student context + text-only completion (cross-entropy only);
+   - data.trace=vt_caption: pretraining (the BAGEL analogue): the VT image alone, then the
+     text-only trace, i.e. describe the map and the path drawn on it;
    Each VT enters as `optim.flow_copies` noised copies (own t and noise each; more flow signal
    per forward) before its clean copy, see `MiniBackend.training_row`;
 2. loss = CE (mean over completion text tokens) + flow_weight * flow MSE (weighted mean over VT

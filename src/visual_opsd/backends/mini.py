@@ -19,11 +19,13 @@ the cache, which it never enters. The clean image is quantised to 8-bit (as any 
 fed back as an UND block followed by `<image_end>`, and text decoding goes on. Past the budget, an
 `<image_start>` is treated by image skip: an injected `<image_end>` and more text.
 
-SFT examples (`training_row`): "interleaved" = student context + interleaved trace, each VT present
+SFT examples (`training_row`): "interleaved" = student context + the interleaved-mode instruction
+(`interleaved_prompt`, which `generate_interleaved` feeds too) + interleaved trace, each VT present
 as noised copies (GEN, flow loss; `flow_copies` of them, each with its own t) then clean (UND, read
 by the text after it), see mini_model.py;
 "text_only" = student context + text-only completion; "teacher_context" = teacher context (GT VTs)
-+ text-only completion. Cross-entropy covers completion text only (never context or framing).
++ text-only completion; "vt_caption" (pretraining) = the VT image alone + `CAPTION_PROMPT` +
+text-only completion. Cross-entropy covers completion text only (never context or framing).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ DEFAULT_FRAMING = (
 DEFAULT_TRANSITION = "Now reason step by step on your own ."
 # The mode switch of the unified model: a plain context asks for a text-only answer (the student's
 # mode); this instruction after the question asks for interleaved reasoning with a drawn VT. Without
-# a switch, greedy decoding could not have both modes (see docs/method.md, "the miniature").
+# a switch, greedy decoding could not have both modes (docs/miniature.md).
 DEFAULT_INTERLEAVED_PROMPT = "Think by drawing the path on the map ."
 # Pretraining (the BAGEL analogue, sft.py): describe a map with a drawn path, from the image alone
 CAPTION_PROMPT = "Describe this map and the red path drawn on it ."
