@@ -11,7 +11,7 @@ Stages joined by `|` run side by side, one process of one thread each (docs/mini
 Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
 after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
 The settings of each stage are the shipped configs (configs/*_demo.yaml) and the dataclass
-defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about 3 minutes) and
+defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about a minute) and
 `--preset full` grows it (larger model, sizes 3..8, longer training; hours on 2 cores).
 """
 
