@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from visual_opsd.backends import load_backend
+from visual_opsd.backends import open_backend
 from visual_opsd.config import load_config
 from visual_opsd.sft import SFTConfig, accuracy, predict, run_sft
 from visual_opsd.stats import wilson_interval
@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def evaluate(folder: Path, samples, task, mode: str, max_new_tokens: int) -> dict:
-    backend = load_backend(folder)
+    backend = open_backend(folder)
     preds = predict(backend, samples, mode, max_new_tokens, batch_size=50)
     k = round(accuracy(task, samples, preds) * len(samples))
     lo, hi = wilson_interval(k, len(samples))
@@ -48,7 +48,7 @@ def round_trip(folder: Path, sample) -> float:
     """Max |logit difference| between `from_pretrained` + the processor's inputs and our scoring."""
     from transformers import AutoModelForImageTextToText
 
-    backend = load_backend(folder)
+    backend = open_backend(folder)
     ctx = backend.build_context(sample, "teacher")
     comp = backend.encode_completion(sample.text_only_completion())
     model = AutoModelForImageTextToText.from_pretrained(folder)

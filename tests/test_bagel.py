@@ -6,11 +6,11 @@ on the tiny model. Measured errors are printed (`pytest -s`) and recorded as tes
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import GOLD, bagel_tiny_folder, random_image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -36,44 +36,23 @@ from visual_opsd.backends.bagel_model import (  # noqa: E402
 )
 from visual_opsd.sample import Sample  # noqa: E402
 
-GOLD = Path(__file__).parent / "data" / "bagel-golden"
 BF16 = torch.bfloat16
-TINY_EXTRA = dict(vit_max_patches_per_side=8, max_latent_size=8, z_channels=4, vae_downsample=2, bos_id=250,
-                  eos_id=251, vision_start_id=252, vision_end_id=253)
-TINY_BACKEND = dict(vit_transform=[32, 16, 4], vae_transform=[32, 16, 4], framing_text="VT refs:",
-                    transition_text="Now reason.")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def case(name: str):
     d = GOLD / "cases" / name
-    return (load_file(str(d / "inputs.safetensors")), load_file(str(d / "outputs.safetensors")),
-            json.loads((d / "outputs.json").read_text())["tolerance"]["suggested_pass"])
-
-
-def tiny_folder(root: Path) -> Path:
-    """A checkpoint folder in the released layout holding the tiny golden model."""
-    root.mkdir(parents=True, exist_ok=True)
-    for f in ("llm_config.json", "vit_config.json"):
-        shutil.copyfile(GOLD / "configs" / "tiny" / f, root / f)
-    for f in ("ema.safetensors", "ae.safetensors"):
-        shutil.copyfile(GOLD / "weights" / f, root / f)
-    ae = json.loads((GOLD / "configs" / "tiny" / "ae_config.json").read_text())
-    extra = {"model": TINY_EXTRA, "ae": ae, "tokenizer": "toy", "backend": TINY_BACKEND}
-    (root / "bagel_config.json").write_text(json.dumps(extra))
-    return root
+    return (
+        load_file(str(d / "inputs.safetensors")),
+        load_file(str(d / "outputs.safetensors")),
+        json.loads((d / "outputs.json").read_text())["tolerance"]["suggested_pass"],
+    )
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return tiny_folder(tmp_path_factory.mktemp("bagel_tiny"))
+    return bagel_tiny_folder(tmp_path_factory.mktemp("bagel_tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +92,11 @@ def judge(metrics: dict, tol: dict) -> bool:
             continue
         checked += 1
         bound = tol[key]
-        if (op == "le" and not value <= bound) or (op == "ge" and not value >= bound) or (
-                op == "eq" and value != bound):
+        if (
+            (op == "le" and not value <= bound)
+            or (op == "ge" and not value >= bound)
+            or (op == "eq" and value != bound)
+        ):
             return False
     return checked > 0
 
@@ -132,8 +114,11 @@ def rel_check(record_property, name, got, ref, tol: dict) -> None:
     got, ref = got.float(), ref.float()
     assert got.shape == ref.shape, (name, got.shape, ref.shape)
     d = (got - ref).abs().max().item()
-    m = {"max_abs": d, "rel": d / ref.abs().max().item(),
-         "cos": torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()}
+    m = {
+        "max_abs": d,
+        "rel": d / ref.abs().max().item(),
+        "cos": torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item(),
+    }
     report(record_property, name, m, tol)
 
 
@@ -146,8 +131,9 @@ def logits_check(record_property, name, got, ref, tol: dict) -> None:
     sure = (top[:, 0] - top[:, 1]) >= 0.08
     argmax_ok = (got.argmax(-1) == ref.argmax(-1))[sure].float().mean().item() if sure.any() else 1.0
     gap = (top[:, 4] - top[:, 5]) >= 0.08
-    same5 = torch.tensor([set(got[r].topk(5).indices.tolist()) == set(ref[r].topk(5).indices.tolist())
-                          for r in range(ref.shape[0])])
+    same5 = torch.tensor(
+        [set(got[r].topk(5).indices.tolist()) == set(ref[r].topk(5).indices.tolist()) for r in range(ref.shape[0])]
+    )
     top5_ok = same5[gap].float().mean().item() if gap.any() else 1.0
     report(record_property, name, {"max_abs": d, "cos": cos, "argmax_agree": argmax_ok, "top5_agree": top5_ok}, tol)
 
@@ -155,8 +141,16 @@ def logits_check(record_property, name, got, ref, tol: dict) -> None:
 def u8_check(record_property, name, got_u8, ref_u8, tol: dict) -> None:
     """uint8 images: largest level difference, fraction within one level, fraction exact."""
     u8 = (got_u8.int() - ref_u8.int()).abs()
-    report(record_property, name, {"max_levels": int(u8.max()), "within1": u8.le(1).float().mean().item(),
-                                   "exact_frac": u8.eq(0).float().mean().item()}, tol)
+    report(
+        record_property,
+        name,
+        {
+            "max_levels": int(u8.max()),
+            "within1": u8.le(1).float().mean().item(),
+            "exact_frac": u8.eq(0).float().mean().item(),
+        },
+        tol,
+    )
 
 
 def causal(n: int) -> torch.Tensor:
@@ -242,10 +236,12 @@ def test_c_greedy_text(model, record_property):
     report(record_property, "c.tokens_equal", {"equal": tokens == o["tokens"].tolist()}, tol_exact)
     report(record_property, "c.run2_tokens_equal", {"equal": tokens2 == o["tokens_run2"].tolist()}, tol_exact)
     logits_check(record_property, "c.step_logits(free run)", logits, o["step_logits"], tol["step_logits(free run)"])
-    logits_check(record_property, "c.step_logits_run2(free run)", logits2, o["step_logits_run2"],
-                 tol["step_logits(free run)"])
-    logits_check(record_property, "c.step_logits(teacher forced)", forced, o["step_logits"],
-                 tol["step_logits(teacher forced)"])
+    logits_check(
+        record_property, "c.step_logits_run2(free run)", logits2, o["step_logits_run2"], tol["step_logits(free run)"]
+    )
+    logits_check(
+        record_property, "c.step_logits(teacher forced)", forced, o["step_logits"], tol["step_logits(teacher forced)"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -271,34 +267,55 @@ def _edit_streams(model, vae, i):
 def test_d_gen_velocity(model, vae, record_property):
     i, o, tol = case("d_gen_velocity")
     with torch.no_grad():
-        rel_check(record_property, "d.vae_moments", vae.moments(i["vae_input_image"][None])[0], o["vae_moments"],
-                  tol["vae_moments"])
+        rel_check(
+            record_property,
+            "d.vae_moments",
+            vae.moments(i["vae_input_image"][None])[0],
+            o["vae_moments"],
+            tol["vae_moments"],
+        )
         lat = vae.encode(i["vae_input_image"][None], eps=i["vae_eps"])[0]
         rel_check(record_property, "d.vae_latent", lat, o["vae_latent"], tol["vae_latent"])
-        rel_check(record_property, "d.clean_latent_tokens", patchify_latent(lat), o["clean_latent_tokens"],
-                  tol["clean_latent_tokens"])
+        rel_check(
+            record_property,
+            "d.clean_latent_tokens",
+            patchify_latent(lat),
+            o["clean_latent_tokens"],
+            tol["clean_latent_tokens"],
+        )
         q = model.embed_latent(i["x_t"], i["timestep"], i["latent_position_ids"])
-        rel_check(record_property, "d.query_embeds(latent rows)", q, o["query_embeds"][1:-1],
-                  tol["query_embeds(latent rows)"])
+        rel_check(
+            record_property, "d.query_embeds(latent rows)", q, o["query_embeds"][1:-1], tol["query_embeds(latent rows)"]
+        )
         cond, tu, iu = _edit_streams(model, vae, i)
         assert (len(cond.cache), cond.pos, len(tu.cache), tu.pos, len(iu.cache), iu.pos) == (132, 34, 118, 20, 32, 32)
         t = i["timestep"]
         v, v_tu, v_iu = (s.velocity(i["x_t"], t, (8, 6)) for s in (cond, tu, iu))
     for name, got in (("v_cond", v), ("v_text_uncond", v_tu), ("v_img_uncond", v_iu)):
         rel_check(record_property, f"d.{name}", got, o[name], tol[name])
-    combos = {"global": ("global", 0.0), "channel": ("channel", 0.0), "text_channel": ("text_channel", 0.0),
-              "global_renorm_min_0.9": ("global", 0.9)}
+    combos = {
+        "global": ("global", 0.0),
+        "channel": ("channel", 0.0),
+        "text_channel": ("text_channel", 0.0),
+        "global_renorm_min_0.9": ("global", 0.9),
+    }
     gold = [o[k].to(BF16) for k in ("v_cond", "v_text_uncond", "v_img_uncond")]
     for name, (renorm, rmin) in combos.items():
         got = cfg_combine(v, v_tu, v_iu, 4.0, 2.0, renorm, rmin)
         rel_check(record_property, f"d.v_cfg_{name}", got, o[f"v_cfg_{name}"], tol[f"v_cfg_{name}"])
         if rmin == 0.0:
             formula = cfg_combine(*gold, 4.0, 2.0, renorm, rmin)
-            rel_check(record_property, f"d.cfg_formula_only_{name}", formula, o[f"v_cfg_{name}"],
-                      tol[f"cfg_formula_only_{name}"])
+            rel_check(
+                record_property,
+                f"d.cfg_formula_only_{name}",
+                formula,
+                o[f"v_cfg_{name}"],
+                tol[f"cfg_formula_only_{name}"],
+            )
     got = cfg_combine(v, v_tu, None, 4.0, 1.0, "global")
-    rel_check(record_property, "d.v_cfg_text_only_global", got, o["v_cfg_text_only_global"],
-              tol["v_cfg_text_only_global"])
+    rel_check(
+        record_property, "d.v_cfg_text_only_global", got, o["v_cfg_text_only_global"], tol["v_cfg_text_only_global"]
+    )
 
 
 def test_cfg_branches_equal_recomputation(model, vae):
@@ -325,39 +342,79 @@ def _check_sampler(name, model, vae, streams, grid, sampler, record_property):
     s_txt, s_img, interval, renorm = sampler
     with torch.no_grad():
         trace: dict = {}
-        x = sample_latent(cond, tu, iu, i["init_noise"].clone(), grid, ts, dts, s_txt, s_img, interval, renorm,
-                          trace=trace)
+        x = sample_latent(
+            cond, tu, iu, i["init_noise"].clone(), grid, ts, dts, s_txt, s_img, interval, renorm, trace=trace
+        )
         forced = []  # each step from the golden state
         for k in range(len(ts)):
             tr: dict = {}
-            sample_latent(cond, tu, iu, o["x_steps"][k].clone(), grid, ts[k:k + 1], dts[k:k + 1], s_txt, s_img,
-                          interval, renorm, trace=tr)
+            sample_latent(
+                cond,
+                tu,
+                iu,
+                o["x_steps"][k].clone(),
+                grid,
+                ts[k : k + 1],
+                dts[k : k + 1],
+                s_txt,
+                s_img,
+                interval,
+                renorm,
+                trace=tr,
+            )
             forced.append(tr["v"][0])
-    report(record_property, f"{name}.cfg_applied_equal", {"equal": trace["cfg"] == o["cfg_applied"].tolist()},
-           {"exact": True})
-    rel_check(record_property, f"{name}.v_steps(teacher forced)", torch.stack(forced), o["v_steps"],
-              tol["v_steps(teacher forced)"])
-    rel_check(record_property, f"{name}.x_steps(free run)", torch.stack(trace["x"]), o["x_steps"],
-              tol["x_steps(free run)"])
+    report(
+        record_property,
+        f"{name}.cfg_applied_equal",
+        {"equal": trace["cfg"] == o["cfg_applied"].tolist()},
+        {"exact": True},
+    )
+    rel_check(
+        record_property,
+        f"{name}.v_steps(teacher forced)",
+        torch.stack(forced),
+        o["v_steps"],
+        tol["v_steps(teacher forced)"],
+    )
+    rel_check(
+        record_property, f"{name}.x_steps(free run)", torch.stack(trace["x"]), o["x_steps"], tol["x_steps(free run)"]
+    )
     rel_check(record_property, f"{name}.final_latent_tokens", x, o["final_latent_tokens"], tol["final_latent_tokens"])
     z = model.cfg.z_channels
     lat = unpatchify_latent(x, *grid, z)
-    rel_check(record_property, f"{name}.decoder_input", lat / vae.scale + vae.shift, o["decoder_input"],
-              tol["decoder_input"])
+    rel_check(
+        record_property, f"{name}.decoder_input", lat / vae.scale + vae.shift, o["decoder_input"], tol["decoder_input"]
+    )
     with torch.no_grad():
         ours = vae.decode(lat[None])[0]  # our VAE runs in fp32 (the golden decode ran under bf16 autocast)
         gold_lat = unpatchify_latent(o["final_latent_tokens"], *grid, z)
         exact = vae.decode(gold_lat[None])[0]
     rel_check(record_property, f"{name}.decoded", ours, o["decoded"], tol["decoded"])
     u8_check(record_property, f"{name}.image_u8", to_uint8(ours), o["image_u8"], tol["image_u8"])
-    rel_check(record_property, f"{name}.decoded(from golden latent)", exact, o["decoded"],
-              tol["decoded(from golden latent)"])
-    u8_check(record_property, f"{name}.image_u8(from golden latent)", to_uint8(exact), o["image_u8"],
-             tol["image_u8(from golden latent)"])
-    rel_check(record_property, f"{name}.decoded_fp32(from golden latent, no autocast)", exact, o["decoded_fp32"],
-              tol["decoded_fp32(from golden latent, no autocast)"])
-    u8_check(record_property, f"{name}.image_u8_fp32(from golden latent, no autocast)", to_uint8(exact),
-             o["image_u8_fp32"], tol["image_u8_fp32(from golden latent, no autocast)"])
+    rel_check(
+        record_property, f"{name}.decoded(from golden latent)", exact, o["decoded"], tol["decoded(from golden latent)"]
+    )
+    u8_check(
+        record_property,
+        f"{name}.image_u8(from golden latent)",
+        to_uint8(exact),
+        o["image_u8"],
+        tol["image_u8(from golden latent)"],
+    )
+    rel_check(
+        record_property,
+        f"{name}.decoded_fp32(from golden latent, no autocast)",
+        exact,
+        o["decoded_fp32"],
+        tol["decoded_fp32(from golden latent, no autocast)"],
+    )
+    u8_check(
+        record_property,
+        f"{name}.image_u8_fp32(from golden latent, no autocast)",
+        to_uint8(exact),
+        o["image_u8_fp32"],
+        tol["image_u8_fp32(from golden latent, no autocast)"],
+    )
 
 
 def test_e_t2i_denoise_decode(model, vae, record_property):
@@ -366,16 +423,24 @@ def test_e_t2i_denoise_decode(model, vae, record_property):
         cond = Stream(model)
         cond.text(i["text_ids"].tolist())
         empty = Stream(model)  # the text-uncond context is empty: no cache at all, position 0
-    _check_sampler("e_t2i_denoise_decode", model, vae, (cond, empty, None), (6, 8), (4.0, 1.0, (0.4, 1.0), "global"),
-                   record_property)
+    _check_sampler(
+        "e_t2i_denoise_decode",
+        model,
+        vae,
+        (cond, empty, None),
+        (6, 8),
+        (4.0, 1.0, (0.4, 1.0), "global"),
+        record_property,
+    )
 
 
 def test_f_edit_denoise_decode(model, vae, record_property):
     i, _, _ = case("d_gen_velocity")
     with torch.no_grad():
         streams = _edit_streams(model, vae, i)
-    _check_sampler("f_edit_denoise_decode", model, vae, streams, (8, 6), (4.0, 2.0, (0.0, 1.0), "text_channel"),
-                   record_property)
+    _check_sampler(
+        "f_edit_denoise_decode", model, vae, streams, (8, 6), (4.0, 2.0, (0.0, 1.0), "text_channel"), record_property
+    )
 
 
 def test_g_vae_fp32(vae, record_property):
@@ -396,18 +461,22 @@ def test_h_image_transform(record_property):
         p = conf["params"]
         for c in conf["cases"]:
             for img_num, key in ((1, "out_wh"), (2, "out_wh_img_num_2"), (4, "out_wh_img_num_4")):
-                got = resize_size(*c["in_wh"], p["max_image_size"], p["min_image_size"], p["image_stride"],
-                                  p["max_pixels"], img_num)
+                got = resize_size(
+                    *c["in_wh"], p["max_image_size"], p["min_image_size"], p["image_stride"], p["max_pixels"], img_num
+                )
                 if list(got) != c[key]:
                     mismatches.append((p, c, img_num, got))
                 n += 1
-    report(record_property, "h.size_rule_mismatches",
-           {"checks": n, "mismatches": len(mismatches), "equal": not mismatches}, {"exact": True})
+    report(
+        record_property,
+        "h.size_rule_mismatches",
+        {"checks": n, "mismatches": len(mismatches), "equal": not mismatches},
+        {"exact": True},
+    )
     x = transform_image(Image.fromarray(i["input_u8"].numpy()), 980, 224, 14)
     resized = ((x * 0.5 + 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0)
     report(record_property, "h.resized_u8", {"equal": torch.equal(resized, o["resized_u8"])}, {"exact": True})
-    report(record_property, "h.tensor", {"max_abs": (x[:, 0] - o["tensor_row0"]).abs().max().item()},
-           {"max_abs": 0.0})
+    report(record_property, "h.tensor", {"max_abs": (x[:, 0] - o["tensor_row0"]).abs().max().item()}, {"max_abs": 0.0})
 
 
 def test_i_train_packed_interleaved(model, record_property):
@@ -415,8 +484,12 @@ def test_i_train_packed_interleaved(model, record_property):
     cfg = model.cfg
     t = torch.sigmoid(i["packed_timesteps_logit"])  # shift s = 1 leaves t as is; -inf gives t = 0
     rel_check(record_property, "i.timesteps_effective", t, o["timesteps_effective"], tol["timesteps_effective"])
-    clean = torch.cat([patchify_latent(i["padded_latent"][k][:, : 2 * h, : 2 * w])
-                       for k, (h, w) in enumerate(i["patchified_vae_latent_shapes"].tolist())])
+    clean = torch.cat(
+        [
+            patchify_latent(i["padded_latent"][k][:, : 2 * h, : 2 * w])
+            for k, (h, w) in enumerate(i["patchified_vae_latent_shapes"].tolist())
+        ]
+    )
     noised = (1 - t[:, None]) * clean + t[:, None] * i["noise"]
     noisy_rows = t > 0
     rel_check(record_property, "i.target", (i["noise"] - clean)[noisy_rows], o["target"], tol["target"])
@@ -451,8 +524,9 @@ def test_i_train_packed_interleaved(model, record_property):
 def test_real_7b_config_matches_manifest():
     real = GOLD / "configs" / "real"
     manifest = json.loads((GOLD / "manifest" / "manifest_bagel7b.json").read_text())
-    cfg = BagelConfig.from_json_files(json.loads((real / "llm_config.json").read_text()),
-                                      json.loads((real / "vit_config.json").read_text()))
+    cfg = BagelConfig.from_json_files(
+        json.loads((real / "llm_config.json").read_text()), json.loads((real / "vit_config.json").read_text())
+    )
     with torch.device("meta"):
         model = BagelModel(cfg)
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -464,7 +538,8 @@ def test_real_7b_config_matches_manifest():
     with torch.device("meta"):
         und_model = BagelModel(cfg)
     assert {k: list(v.shape) for k, v in und_model.state_dict().items()} == {
-        k: v for k, v in manifest["ema"].items() if not is_generation_param(k)}
+        k: v for k, v in manifest["ema"].items() if not is_generation_param(k)
+    }
     assert len(got) == 1223 and len(manifest["ae"]) == 244
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -489,16 +564,20 @@ def test_sincos_tables_are_the_checkpoint_tables():
 # invariants and the backend
 
 
-def _image(seed: int, size=(24, 24)) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(arr.numpy(), "RGB")
-
-
 def _samples(n: int = 2) -> list[Sample]:
-    return [Sample(id=f"s{k}", task="maze", question=f"Find the path {k}.", answer="R,D",
-                   problem_images=[_image(k)], vt_images=[_image(100 + k), _image(200 + k, (16, 24))],
-                   thoughts=["look", "go"], text_only_trace="right then down") for k in range(n)]
+    return [
+        Sample(
+            id=f"s{k}",
+            task="maze",
+            question=f"Find the path {k}.",
+            answer="R,D",
+            problem_images=[random_image(k, (24, 24))],
+            vt_images=[random_image(100 + k, (24, 24)), random_image(200 + k, (16, 24))],
+            thoughts=["look", "go"],
+            text_only_trace="right then down",
+        )
+        for k in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -536,8 +615,9 @@ def test_kv_cache_causal_mask_is_bottom_right(fp32_backend):
         rows = model.embed_text(torch.tensor(ids[13:]))[None]
         attn: list = []
         h = model.forward_llm(rows, torch.arange(13, 20)[None], None, causal(n_q), s.cache, attentions=attn)[0]
-        packed = model.forward_llm(model.embed_text(torch.tensor(ids))[None], torch.arange(20)[None], None,
-                                   causal(20))[0]
+        packed = model.forward_llm(model.embed_text(torch.tensor(ids))[None], torch.arange(20)[None], None, causal(20))[
+            0
+        ]
     n_k = 13 + n_q
     allowed = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
     for probs in attn:  # (1, H, n_q, n_k)
@@ -595,11 +675,11 @@ def test_sample_image_skip_injects_plain_text_markers(fp32_backend, monkeypatch)
         calls.append(1)
         return torch.tensor([script[len(calls) - 1]] * logits.shape[0])
 
-    monkeypatch.setattr("visual_opsd.backends.bagel.next_token", scripted)
+    monkeypatch.setattr("visual_opsd.backends.base.next_token", scripted)  # the shared sampling loop
     ctx = b.build_context(_samples(1)[0], "student")
     one = b.sample([ctx], max_new_tokens=60, max_image_skips=1)[0]
     assert one.ids[: len(first) + len(inject)] == first + inject
-    assert one.sampled[len(first): len(first) + len(inject)] == [False] * len(inject)
+    assert one.sampled[len(first) : len(first) + len(inject)] == [False] * len(inject)
     assert one.image_skips == 1 and not one.finished and b.decode(one.ids).endswith("<image_start>")
     assert b.decode(one.ids) == "go<image_start><image_end>ok<image_start>"
 
@@ -629,7 +709,8 @@ def test_visual_opsd_steps_end_to_end(folder):
     image skip, EMA teacher on C_T with VTs, student with gradient, logits and fused-hidden losses."""
     from visual_opsd.rollout import collect_rollout
     from visual_opsd.teacher import Teacher
-    from visual_opsd.train import LossConfig, distill_loss, loss_normalizer, teacher_contexts
+    from visual_opsd.train import LossConfig, distill_loss, loss_normalizer
+    from visual_opsd.vt import teacher_contexts
 
     b = BagelBackend.from_options(folder, BagelLoadOptions(dtype="float32", gradient_checkpointing=True))
     model = b.model
@@ -684,14 +765,15 @@ def test_generate_interleaved_end_to_end(backend, monkeypatch):
     monkeypatch.setattr("visual_opsd.backends.bagel.next_token", scripted)
     ctx = b.build_context(_samples(1)[0], "student")
     assert ctx.items[0].vae_pixels is not None  # problem images also enter as VAE blocks here
-    out = b.generate_interleaved([ctx], max_new_tokens=40, vt_steps=3, max_images=1,
-                                 generator=torch.Generator().manual_seed(0))[0]
+    out = b.generate_interleaved(
+        [ctx], max_new_tokens=40, vt_steps=3, max_images=1, generator=torch.Generator().manual_seed(0)
+    )[0]
     assert out.finished and len(out.images) == 1 and out.images[0].size == (24, 24)
     assert out.text == "plan<image_start>done"
     vs, ve = b.image_start_id, b.image_end_id  # the VT's place in the trace: <|vision_start|><|vision_end|>
     assert out.ids == [b.bos_id, *script[:18], vs, ve, b.bos_id, *script[18:]]
     calls.clear()
-    given = b.generate_interleaved([ctx], max_new_tokens=40, given_vts=[[_image(7)]])[0]
+    given = b.generate_interleaved([ctx], max_new_tokens=40, given_vts=[[random_image(7, (24, 24))]])[0]
     assert given.images[0].size == (24, 24) and given.finished
 
 
@@ -757,7 +839,7 @@ def test_sharded_weights_and_fp32_rope(folder, tmp_path, model):
     state = load_file(str(folder / "ema.safetensors"))
     keys = sorted(state)
     shard = tmp_path / "shard"
-    tiny_folder(shard)
+    bagel_tiny_folder(shard)
     (shard / "ema.safetensors").unlink()
     save_file({k: state[k] for k in keys[:50]}, str(shard / "model-00001-of-00002.safetensors"))
     save_file({k: state[k] for k in keys[50:]}, str(shard / "model-00002-of-00002.safetensors"))
@@ -766,6 +848,7 @@ def test_sharded_weights_and_fp32_rope(folder, tmp_path, model):
     assert list(model.buffers()) == []
 
 
+@pytest.mark.slow  # train + resume, diagnose kl and eval through the command line
 def test_cli_train_diagnose_eval_end_to_end(tmp_path, monkeypatch):
     """The commands on a tiny BAGEL folder (released layout): `train` (3 Visual-OPSD steps and a resume;
     the generation side stays bit-identical), `diagnose kl` with the trained model as post, and `eval`
@@ -776,14 +859,28 @@ def test_cli_train_diagnose_eval_end_to_end(tmp_path, monkeypatch):
     from visual_opsd.backends import backend_kind
     from visual_opsd.cli import main
 
-    tiny = tiny_folder(tmp_path / "tiny")
+    tiny = bagel_tiny_folder(tmp_path / "tiny")
     assert backend_kind(tiny) == "bagel"
     run = tmp_path / "opsd"
     common = ["threads=1", "progress=false"]
-    train = ["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_demo.yaml"),
-             f"init_from={tiny}", f"out_dir={run}", *common, "data.n_train=8", "data.n_val=2", "optim.steps=3",
-             "optim.prompts_per_step=2", "optim.warmup_steps=1", "rollout.max_new_tokens=8", "eval.every=3",
-             "eval.max_new_tokens=8", "save_every=2", "loss.fused=true"]
+    train = [
+        "train",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "train_demo.yaml"),
+        f"init_from={tiny}",
+        f"out_dir={run}",
+        *common,
+        "data.n_train=8",
+        "data.n_val=2",
+        "optim.steps=3",
+        "optim.prompts_per_step=2",
+        "optim.warmup_steps=1",
+        "rollout.max_new_tokens=8",
+        "eval.every=3",
+        "eval.max_new_tokens=8",
+        "save_every=2",
+        "loss.fused=true",
+    ]
     assert main(train) == 0
     assert main(["train", "--config", str(run / "config.json"), "--resume", str(run / "last"), "optim.steps=4"]) == 0
     assert backend_kind(run / "last" / "model") == "bagel"
@@ -794,8 +891,24 @@ def test_cli_train_diagnose_eval_end_to_end(tmp_path, monkeypatch):
     assert not torch.equal(before["language_model.lm_head.weight"].float(), after["language_model.lm_head.weight"])
 
     diag = tmp_path / "diag"
-    assert main(["diagnose", "kl", "--model", str(tiny), "--post", str(run / "last"), f"out_dir={diag}", *common,
-                 "data.n=2", "kl.max_new_tokens=8", "kl.sanity_samples=2"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "kl",
+                "--model",
+                str(tiny),
+                "--post",
+                str(run / "last"),
+                f"out_dir={diag}",
+                *common,
+                "data.n=2",
+                "kl.max_new_tokens=8",
+                "kl.sanity_samples=2",
+            ]
+        )
+        == 0
+    )
     kl = json.loads((diag / "kl.json").read_text())["metrics"]
     assert kl["kl/sanity/passed"] == 1.0 and kl["kl/data/pre/maze/mean"] > 0
 
@@ -811,9 +924,30 @@ def test_cli_train_diagnose_eval_end_to_end(tmp_path, monkeypatch):
     real_vt = BagelBackend._generate_vt
     monkeypatch.setattr(BagelBackend, "_generate_vt", lambda self, *a, **k: vts.append(1) or real_vt(self, *a, **k))
     out = tmp_path / "eval"
-    assert main(["eval", "--system", f"teacher={tiny}:interleaved", "--system", f"opsd={run / 'last'}:text",
-                 "--n", "2", "--warmup", "0", "--max-new-tokens", "40", "--vt-steps", "2", "--out", str(out),
-                 "--no-progress", "threads=1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--system",
+                f"teacher={tiny}:interleaved",
+                "--system",
+                f"opsd={run / 'last'}:text",
+                "--n",
+                "2",
+                "--warmup",
+                "0",
+                "--max-new-tokens",
+                "40",
+                "--vt-steps",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "threads=1",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     # one VT per teacher answer: 2 in the batched accuracy pass, 2 more when the latency pass times them
     assert set(results) >= {"teacher", "opsd"} and len(vts) == 4

@@ -32,7 +32,8 @@ def test_failure_keeps_previous_and_leaves_no_temporary(tmp_path):
 
 
 def test_manifest_and_previous_checkpoint(tmp_path):
-    from visual_opsd.checkpoint import MANIFEST, CheckpointError, resolve_checkpoint, verify_manifest
+    from visual_opsd.checkpoint import MANIFEST, resolve_checkpoint, verify_manifest
+    from visual_opsd.errors import CheckpointError
 
     dest = tmp_path / "last"
     for text in ("one", "two"):

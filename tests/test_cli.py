@@ -17,8 +17,9 @@ def test_help_exits_cleanly(argv, capsys):
 
 @pytest.mark.parametrize("command", sorted(CONFIG_COMMANDS))
 def test_config_command_help_lists_keys(command, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main([command, "--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert "config keys (default, meaning):" in out and " = " in out
 

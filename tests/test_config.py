@@ -9,7 +9,8 @@ from typing import Literal
 import pytest
 
 from visual_opsd.cli import CONFIG_COMMANDS
-from visual_opsd.config import ConfigError, config_help, load_config, to_dict
+from visual_opsd.config import config_help, load_config, to_dict
+from visual_opsd.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -104,3 +105,24 @@ def test_every_shipped_config_loads_and_validates():
         assert command in CONFIG_COMMANDS, f"{path.name}: no command {command!r} (name configs <command>_*.yaml)"
         cls, _ = CONFIG_COMMANDS[command][1]()
         load_config(cls, path)
+
+
+def test_backend_section_is_chosen_by_kind_or_by_its_keys():
+    """One `backend:` section for every model family, told apart by `kind`; on the command line a
+    key that only one family has picks it; an older config's `hf:` section gets a pointer."""
+    from visual_opsd.backends import BagelLoadOptions, HFOptions, MiniOptions
+    from visual_opsd.train import TrainConfig
+
+    assert load_config(TrainConfig, None, []).backend is None
+    hf = load_config(TrainConfig, None, ["backend.lora=true", "backend.lora_r=4"]).backend
+    assert isinstance(hf, HFOptions) and hf.lora and hf.lora_r == 4
+    assert isinstance(load_config(TrainConfig, None, ["backend.kind=bagel"]).backend, BagelLoadOptions)
+    assert isinstance(load_config(TrainConfig, None, ["backend.kind=mini"]).backend, MiniOptions)
+    with pytest.raises(ConfigError, match=r"backend.kind: 'gpt' is not one of \['bagel', 'hf', 'mini'\]"):
+        load_config(TrainConfig, None, ["backend.kind=gpt"])
+    with pytest.raises(ConfigError, match="say which kind"):
+        load_config(TrainConfig, None, ["backend.device=cpu"])  # hf and bagel both have `device`
+    with pytest.raises(ConfigError, match="unknown config key 'backend.lora'"):
+        load_config(TrainConfig, None, ["backend.kind=bagel", "backend.lora=true"])
+    with pytest.raises(ConfigError, match="it is now backend"):
+        load_config(TrainConfig, None, ["hf.lora=true"])

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import VSP_EXAMPLES, pixels, random_image
 from PIL import Image
 
 from visual_opsd.data import (
@@ -26,24 +27,11 @@ from visual_opsd.data import (
 )
 from visual_opsd.sample import Sample
 
-VSP_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vsp-examples"
-if not VSP_EXAMPLES.is_dir():
-    VSP_EXAMPLES = Path("/work/shared/data/vsp-examples")
-
-
-def _image(seed: int, size=(12, 10), mode="RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).convert(mode)
-
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def _pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"))
 
 
 def _samples() -> list[Sample]:
@@ -53,14 +41,21 @@ def _samples() -> list[Sample]:
             task="custom",
             question="Which way ?",
             answer="R,D",
-            problem_images=[_image(0)],
-            vt_images=[_image(1), _image(2, size=(8, 8))],
+            problem_images=[random_image(0)],
+            vt_images=[random_image(1), random_image(2, size=(8, 8))],
             thoughts=["first", "second", "third"],
             text_only_trace="go right then down",
             metadata={"level": 3, "note": "é"},
         ),
-        Sample(id="odd/id:2", task="custom", question="Q2", answer="B", choices=["x", "y"], problem_images=[_image(3)]),
-        Sample(id="q3", task="", question="no images", answer="7", problem_images=[_image(4, mode="L")]),
+        Sample(
+            id="odd/id:2",
+            task="custom",
+            question="Q2",
+            answer="B",
+            choices=["x", "y"],
+            problem_images=[random_image(3)],
+        ),
+        Sample(id="q3", task="", question="no images", answer="7", problem_images=[random_image(4, mode="L")]),
     ]
 
 
@@ -69,7 +64,7 @@ def _same(a: Sample, b: Sample) -> None:
         assert getattr(a, name) == getattr(b, name), name
     for x, y in [*zip(a.problem_images, b.problem_images, strict=True), *zip(a.vt_images, b.vt_images, strict=True)]:
         assert y.mode == "RGB"
-        assert np.array_equal(_pixels(x), _pixels(y))
+        assert np.array_equal(pixels(x), pixels(y))
 
 
 # ----------------------------------------------------------------------------- native format
@@ -121,11 +116,11 @@ def test_write_is_atomic(tmp_path):
 
 def _broken_dataset(root: Path) -> tuple[Path, dict[str, str]]:
     """A native dataset with one good row and many bad ones; returns it and {row label: field}."""
-    ds = write_dataset([Sample(id="good", task="", question="Q", answer="A", vt_images=[_image(1)])], root / "ds")
+    ds = write_dataset([Sample(id="good", task="", question="Q", answer="A", vt_images=[random_image(1)])], root / "ds")
     good_png = "images/good_vt_0.png"
     (ds / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    (ds / "images" / "truncated.png").write_bytes(_png_bytes(_image(9, size=(64, 64)))[:300])
-    (root / "outside.png").write_bytes(_png_bytes(_image(5)))
+    (ds / "images" / "truncated.png").write_bytes(_png_bytes(random_image(9, size=(64, 64)))[:300])
+    (root / "outside.png").write_bytes(_png_bytes(random_image(5)))
 
     def row(**fields):
         return json.dumps({"question": "Q", "answer": "A", **fields})
@@ -270,13 +265,13 @@ def _thinkmorph_row(i: int, n_vts: int, task: str = "Jigsaw_Assembly") -> dict:
         "pid": f"tm-{i}",
         "question": f"question {i}",
         "answer": "<answer>\\boxed{D,R}</answer>",
-        "problem_image_0": _cell(_image(100 + i)),
+        "problem_image_0": _cell(random_image(100 + i)),
         "task": task,
         "full_text_only_thought": f"text only {i}",
         "resoning_thought_0": "before",
     }
     for k in range(n_vts):
-        row[f"reasoning_image_{k}"] = _cell(_image(200 + 10 * i + k))
+        row[f"reasoning_image_{k}"] = _cell(random_image(200 + 10 * i + k))
         row[f"resoning_thought_{k + 1}"] = f"after {k}"
     return row
 
@@ -284,7 +279,7 @@ def _thinkmorph_row(i: int, n_vts: int, task: str = "Jigsaw_Assembly") -> dict:
 def test_parquet_round_trip(tmp_path):
     path = tmp_path / "train.parquet"
     rows = [_thinkmorph_row(i, n_vts) for i, n_vts in enumerate([1, 8, 3, 0, 1])]
-    rows[3]["problem_image_0"] = _cell(_image(5, size=(16, 16)), "JPEG")
+    rows[3]["problem_image_0"] = _cell(random_image(5, size=(16, 16)), "JPEG")
     pq.write_table(_thinkmorph_table(rows), path, row_group_size=2)  # several row groups
     assert dataset_format(path) == "parquet"
     loaded = load_dataset(path)
@@ -296,10 +291,10 @@ def test_parquet_round_trip(tmp_path):
         assert len(s.vt_images) == n_vts and len(s.thoughts) == n_vts + 1
         assert s.thoughts == ["before", *[f"after {k}" for k in range(n_vts)]]
         for k, vt in enumerate(s.vt_images):
-            assert vt.mode == "RGB" and np.array_equal(_pixels(vt), _pixels(_image(200 + 10 * i + k)))
+            assert vt.mode == "RGB" and np.array_equal(pixels(vt), pixels(random_image(200 + 10 * i + k)))
         assert s.problem_images[0].mode == "RGB"
         assert s.metadata == {"source_file": "train.parquet", "source_row": i}
-    assert np.array_equal(_pixels(loaded[0].problem_images[0]), _pixels(_image(100)))
+    assert np.array_equal(pixels(loaded[0].problem_images[0]), pixels(random_image(100)))
     assert loaded[3].problem_images[0].size == (16, 16)  # JPEG decoded too
     # a folder of parquet files (nested, as HF repos lay them out) loads them all, in path order
     (tmp_path / "data").mkdir()
@@ -313,7 +308,7 @@ def test_parquet_bad_rows(tmp_path):
     rows = [_thinkmorph_row(i, 1) for i in range(6)]
     rows[0]["reasoning_image_0"] = {"bytes": b"not an image", "path": None}
     rows[1]["question"] = None
-    rows[2]["reasoning_image_2"] = _cell(_image(1))  # image 2 without image 1
+    rows[2]["reasoning_image_2"] = _cell(random_image(1))  # image 2 without image 1
     rows[2]["resoning_thought_3"] = "x"
     rows[3]["pid"] = None
     rows[4]["resoning_thought_1"] = None  # one VT but one thought
@@ -359,11 +354,7 @@ def test_answer_and_task_mapping():
 
 
 def test_vsp_dispatch(tmp_path):
-    if not VSP_EXAMPLES.is_dir():
-        pytest.skip("VSP examples not available")
     assert dataset_format(VSP_EXAMPLES) == "vsp"
-    pytest.importorskip("visual_opsd.vsp")
-    pytest.importorskip("visual_opsd.tasks.maze")  # vsp.py builds its samples with the maze task
     loaded = load_dataset(VSP_EXAMPLES)
     assert len(loaded) == len(list(VSP_EXAMPLES.glob("level*/table/*.txt")))
     assert all(s.task == "maze" and s.problem_images and s.problem_images[0].mode == "RGB" for s in loaded)

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1/2/3 under `accelerate launch`: 2 CPU processes (gloo) reproduce 1 process.
 
-The same deterministic set-up as test_distributed.py (rollout.source=data, completions of uneven
+The same deterministic set-up as test_distributed.py (helpers.DIST_RUN: rollout.source=data, completions of uneven
 lengths across ranks, 2 ranks x 2 micro-batches vs 1 process x 1 micro-batch of 4). DeepSpeed comes
 either from a shipped accelerate config (on a CPU accelerate resolves it to MULTI_CPU and passes it
 on in the environment, which the run honours) or from the `deepspeed_stage` key.
@@ -15,30 +15,21 @@ import json
 
 import pytest
 import torch
+from helpers import DIST_STEPS, dist_overrides, launch, max_diff, one_process, step_rows, weights
 from safetensors.torch import load_file
-from test_distributed import STEPS, launch, max_diff, one_process, overrides, save_tiny_mini, step_rows, weights
 
 from visual_opsd.backends.hf import HFBackend
 from visual_opsd.config import load_config
 from visual_opsd.faults import DUMP_ENV, ENV
 from visual_opsd.train import TrainConfig, run_train
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_mini(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def single(tiny_model, tmp_path_factory):
-    """The reference: one plain process, one micro-batch of 4 prompts per step (gradients dumped)."""
-    return one_process(tiny_model, tmp_path_factory.mktemp("single") / "run")
+pytestmark = pytest.mark.slow  # every test launches 2 processes (accelerate launch)
 
 
 def assert_grads_match(one, two) -> None:
     """Every step's whole gradients: equal on the parameters one process has a gradient for, and
     exactly zero on the others."""
-    for step in range(1, STEPS + 1):
+    for step in range(1, DIST_STEPS + 1):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (one, two))
         assert a and set(a) <= set(b), f"step {step}: gradients missing under ZeRO: {sorted(set(a) - set(b))[:5]}"
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, f"step {step}"
@@ -63,8 +54,12 @@ def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stag
     the launcher's environment), ZeRO-1 from the `deepspeed_stage` key."""
     out = tmp_path / f"zero{stage}"
     ask = {} if config else {"deepspeed_stage": stage}
-    proc = launch(2, overrides(tiny_model, out, **ask, **{"optim.grad_accum": 2}), config=config,
-                  **{DUMP_ENV: str(out / "grads")})
+    proc = launch(
+        2,
+        dist_overrides(tiny_model, out, **ask, **{"optim.grad_accum": 2}),
+        config=config,
+        **{DUMP_ENV: str(out / "grads")},
+    )
     assert f"train: 2 processes, engine zero{stage}" in proc.stdout
     assert_grads_match(single, out)
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
@@ -83,13 +78,13 @@ def test_zero_checkpoints_resume_on_another_engine(tiny_model, single, tmp_path)
     processes: the weights, teacher and optimizer state of one uninterrupted process (checkpoints
     hold whole tensors in torch's layout; DeepSpeed's optimizer state is loaded into its partitions)."""
     out = tmp_path / "mixed"
-    launch(2, overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
-    run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
-    launch(2, overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     assert_optimizer_matches(single, out)
-    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
 
 
 def test_zero3_skips_a_non_finite_step_on_every_rank(tiny_model, tmp_path, monkeypatch):
@@ -97,10 +92,10 @@ def test_zero3_skips_a_non_finite_step_on_every_rank(tiny_model, tmp_path, monke
     rank and skips the step; the run ends on the weights of one process that skipped step 2."""
     ref = tmp_path / "single"
     monkeypatch.setenv(ENV, "nan:loss@2")
-    run_train(load_config(TrainConfig, None, overrides(tiny_model, ref)))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, ref)))
     monkeypatch.delenv(ENV)
     out = tmp_path / "zero3"
-    launch(2, overrides(tiny_model, out, deepspeed_stage=3, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
     rows, ref_rows = step_rows(out), step_rows(ref)
     assert [r["step"] for r in rows if "skipped" in r] == [2] == [r["step"] for r in ref_rows if "skipped" in r]
     assert max_diff(weights(ref / "last"), weights(out / "last")) < 1e-6
@@ -112,7 +107,7 @@ def test_zero3_samples_rollouts_of_different_lengths_without_collectives(tiny_mo
     out = tmp_path / "sample"
     # an untrained model rarely stops early: long budgets make early stops, so lengths, differ by rank
     sampling = {"rollout.source": "sample", "rollout.max_new_tokens": 160, "rollout.n": 2, "optim.steps": 2}
-    launch(2, overrides(tiny_model, out, deepspeed_stage=3, **sampling))
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, **sampling))
     rows = step_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] > 0 for r in rows)
     assert any(len(set(r["tokens/per_rank"])) > 1 for r in rows), "ranks sampled equal lengths"
@@ -124,6 +119,7 @@ def test_zero3_runs_the_hugging_face_backend_as_one_process(tmp_path):
     model = tmp_path / "model"
     HFBackend.tiny("qwen2_5_vl").save(model)
     one, two = one_process(model, tmp_path / "one"), tmp_path / "two"
-    launch(2, overrides(model, two, deepspeed_stage=3, **{"optim.grad_accum": 2}), **{DUMP_ENV: str(two / "grads")})
+    args = dist_overrides(model, two, deepspeed_stage=3, **{"optim.grad_accum": 2})
+    launch(2, args, **{DUMP_ENV: str(two / "grads")})
     assert_grads_match(one, two)
     assert max_diff(weights(one / "last"), weights(two / "last")) < 1e-6

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from visual_opsd.cli import main
 from visual_opsd.demo import PRIVILEGED, SYSTEMS
 
 
+@pytest.mark.slow  # the whole miniature study (--quick), twice
 def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
@@ -40,7 +43,7 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
         assert entry["completions"] == completions and entry["teacher_side"] == "base" and entry["k_pre"] >= 0
         assert set(entry["k_post"]) == set(entry["per_model"]) == {"opsd", "opsd_noise"}
     assert kl["closure"]["same_tokens"] is True
-    stages = {"data", "pretrain", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval"}
+    stages = {"data", "pretrain", "sft_teacher", "sft_text", "opsd", "opsd_noise", "diagnose", "eval_base", "eval"}
     assert stages <= set(report["timing_s"])
     for name in ("report.md", "pareto.png", "training_curves.png", "eval/records/opsd_maze.jsonl", "eval/results.md"):
         assert (out / name).is_file(), name
@@ -49,7 +52,7 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done earlier") == 8 and "| opsd |" in printed
+    assert printed.count("done earlier") == 9 and "| opsd |" in printed
 
 
 def test_demo_stages_use_the_shipped_configs(tmp_path):
@@ -73,8 +76,6 @@ def test_demo_stages_use_the_shipped_configs(tmp_path):
 
 
 def test_full_preset_resolves_and_unknown_presets_fail(tmp_path):
-    import pytest
-
     from visual_opsd.demo import run_demo, stage_configs
 
     full = stage_configs("full", tmp_path)
@@ -85,3 +86,31 @@ def test_full_preset_resolves_and_unknown_presets_fail(tmp_path):
     assert full["diagnose"].data.sizes == (3, 8)
     with pytest.raises(ValueError, match="unknown demo preset 'huge'"):
         run_demo(tmp_path, preset="huge")
+
+
+@pytest.mark.slow
+def test_stage_graph_runs_each_stage_after_what_it_needs_and_reports_failures(tmp_path):
+    """`_run_graph` starts a stage only once the stages it needs are done, at most two at a time, and
+    a failing stage stops what depends on it with an error that names both."""
+    from helpers import fail_stage, write_after
+
+    from visual_opsd.demo import _run_graph
+
+    ended: list[str] = []
+
+    def done(name: str) -> bool:
+        return name in ended
+
+    def record(name: str, seconds: float) -> None:
+        assert seconds >= 0
+        ended.append(name)
+
+    f = {n: str(tmp_path / n) for n in "abcd"}
+    _run_graph([("a", (write_after, (f["a"],)), ()), ("b", (write_after, (f["b"],)), ()),
+                ("c", (write_after, (f["c"], f["a"], f["b"])), ("a", "b")),
+                ("d", (write_after, (f["d"], f["c"])), ("c",))], done, record, t_start=0.0)
+    assert set(ended[:2]) == {"a", "b"} and ended[2:] == ["c", "d"]
+    with pytest.raises(RuntimeError, match=r"failed: x \(exit code 1\); not run: y"):
+        _run_graph([("x", (fail_stage, ()), ()), ("y", (write_after, (str(tmp_path / "y"),)), ("x",))],
+                   done, record, t_start=0.0)
+    assert not (tmp_path / "y").exists()

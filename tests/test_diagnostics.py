@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import maze_tokenizer, tiny_mini
 
 from visual_opsd.backends.base import Interleaved
 from visual_opsd.backends.mini import MiniBackend
@@ -35,13 +36,9 @@ from visual_opsd.diagnostics.attention import split_trace, trace_spans
 from visual_opsd.diagnostics.run import post_models
 from visual_opsd.losses import generalized_jsd
 from visual_opsd.tasks import get_task
-from visual_opsd.tokenizer import build_tokenizer_for_tasks
 
-TOKENIZER = build_tokenizer_for_tasks(["maze"], n_per_task=40)
-
-
-def tiny(seed: int = 0) -> MiniBackend:
-    return MiniBackend.new(TOKENIZER, seed=seed, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=4)
+TOKENIZER = maze_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scripted(answer: bool = True, seed: int = 0, strength: float = 20.0, layer_scale: float = 1.0) -> MiniBackend:
@@ -49,7 +46,7 @@ def scripted(answer: bool = True, seed: int = 0, strength: float = 20.0, layer_s
     docstring): token a's embedding is 10 e_k and the next token's output row `strength` e_k (20: the
     script's token gets probability 1 in float32). `layer_scale` multiplies the transformer layers'
     weights, so that the context, hence C_T vs C_S, changes the predictions well above float32 noise."""
-    b = tiny(seed)
+    b = tiny_mini(seed)
     with torch.no_grad():
         for name, p in b.model.layers.named_parameters():
             if "norm" not in name:
@@ -69,14 +66,6 @@ def scripted(answer: bool = True, seed: int = 0, strength: float = 20.0, layer_s
 
 
 SAMPLES = get_task("maze").generate(6, seed=0, split="test", sizes=(3, 4), cell_px=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +93,7 @@ def test_trace_context_replays_the_generation_and_names_the_spans():
     for s, trace in zip(SAMPLES[:2], traces, strict=True):
         assert len(trace.images) == 1
         cut = split_trace(trace.ids, 1, b.image_start_id, b.image_end_id)
-        assert trace.ids[cut - 1] == b.image_end_id and trace.ids[:2] == [TOKENIZER.id_of("</think>"),
-                                                                          b.image_start_id]
+        assert trace.ids[cut - 1] == b.image_end_id and trace.ids[:2] == [TOKENIZER.id_of("</think>"), b.image_start_id]
         context = b.build_trace_context(s, trace.ids[:cut], trace.images)
         completion = trace.ids[cut:]
         scores = b.score([context], [completion], output_attentions=True)
@@ -143,8 +131,9 @@ def test_trace_fractions_are_fractions():
     assert set(fractions) == {"text_before_vt->input_image", "text_after_vt->vt", "text_after_vt->input_image"}
     for values in fractions.values():
         assert len(values) == b.cfg.n_layers and all(0.0 <= v <= 1.0 for v in values)
-    total = [a + c for a, c in zip(fractions["text_after_vt->vt"], fractions["text_after_vt->input_image"],
-                                   strict=True)]
+    total = [
+        a + c for a, c in zip(fractions["text_after_vt->vt"], fractions["text_after_vt->input_image"], strict=True)
+    ]
     assert all(t <= 1.0 + 1e-6 for t in total)  # disjoint key spans share one distribution
     no_vt = Interleaved(text="R", ids=[TOKENIZER.id_of("R"), TOKENIZER.eos_id], images=[], finished=True)
     assert trace_fractions(b, SAMPLES[0], no_vt) is None
@@ -211,7 +200,7 @@ def test_noise_and_shuffled_insert_the_right_images(monkeypatch):
 
 def test_interventions_reject_unknown_modes():
     with pytest.raises(ValueError, match="unknown intervention modes"):
-        interventions(tiny(), SAMPLES[:1], modes=["interleaved", "dream"])
+        interventions(tiny_mini(), SAMPLES[:1], modes=["interleaved", "dream"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +208,7 @@ def test_interventions_reject_unknown_modes():
 
 
 def test_kl_scores_the_same_ids_on_both_sides(monkeypatch):
-    b = tiny()
+    b = tiny_mini()
     seen: list = []
     real = MiniBackend.score
 
@@ -237,8 +226,11 @@ def test_kl_scores_the_same_ids_on_both_sides(monkeypatch):
 
 def test_injected_ids_are_not_scored():
     comps = student_completions(scripted(), SAMPLES[:2], "student", max_new_tokens=10, seed=0)
-    assert comps.ids[0][:3] == [TOKENIZER.id_of("</think>"), TOKENIZER.id_of("<image_start>"),
-                                TOKENIZER.id_of("<image_end>")]
+    assert comps.ids[0][:3] == [
+        TOKENIZER.id_of("</think>"),
+        TOKENIZER.id_of("<image_start>"),
+        TOKENIZER.id_of("<image_end>"),
+    ]
     assert comps.scored == [[True, True, False, True, True]] * 2  # the image skip's <image_end> is injected
 
 
@@ -267,7 +259,7 @@ def test_kl_is_the_defined_quantity(monkeypatch):
 
 
 def test_kl_sanity_identical_is_exactly_zero_and_swapped_is_the_reverse():
-    b = tiny()
+    b = tiny_mini()
     t_ctx, s_ctx = contexts_for(b, SAMPLES[:3])
     comps = student_completions(b, SAMPLES[:3], "data")
     identical = token_kl(b, s_ctx, s_ctx, comps.ids)
@@ -284,11 +276,11 @@ def test_kl_sanity_identical_is_exactly_zero_and_swapped_is_the_reverse():
 
 
 def test_gap_closure_per_teacher_side():
-    base, trained = tiny(0), tiny(0)
+    base, trained = tiny_mini(0), tiny_mini(0)
     with torch.no_grad():
         for p in trained.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    m = kl_diagnostic(base, SAMPLES[:3], post={"same": tiny(0), "trained": trained}, sources="data")
+    m = kl_diagnostic(base, SAMPLES[:3], post={"same": tiny_mini(0), "trained": trained}, sources="data")
     pre = m["kl/data/pre/maze/mean"]
     for side in ("base", "self"):  # identical weights: K_post = K_pre on the same data tokens
         assert m[f"kl/data/post/same/teacher={side}/maze/mean"] == pytest.approx(pre, rel=1e-6)
@@ -299,8 +291,8 @@ def test_gap_closure_per_teacher_side():
 
 
 def _trained(seed: int = 0, scale: float = 0.05) -> MiniBackend:
-    """tiny(0) with its weights moved a little: a stand-in for a distilled checkpoint."""
-    b = tiny(0)
+    """tiny_mini(0) with its weights moved a little: a stand-in for a distilled checkpoint."""
+    b = tiny_mini(0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in b.model.parameters():
@@ -312,7 +304,7 @@ def test_both_sources_in_one_run_and_the_data_closure_is_on_identical_tokens():
     """Default sources: data (headline) then student, each with K_pre, K_post per teacher side and the
     closure. Under `data` K_pre and every K_post score the very same ids (the data's traces); under
     `student` the trained model's own samples differ from the base model's."""
-    base, trained = tiny(0), _trained()
+    base, trained = tiny_mini(0), _trained()
     records: list[dict] = []
     m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, max_new_tokens=8, records=records, seed=1)
     assert m["kl/data/order"] == 0.0 and m["kl/student/order"] == 1.0
@@ -320,8 +312,9 @@ def test_both_sources_in_one_run_and_the_data_closure_is_on_identical_tokens():
     for r in records:
         by_measure.setdefault(r["measure"], []).append(r["ids"])
         assert r["source"] == r["measure"].split("/")[0]
-    assert set(by_measure) == {f"{src}/{m_}" for src in ("data", "student")
-                               for m_ in ("pre", "opsd/teacher=base", "opsd/teacher=self")}
+    assert set(by_measure) == {
+        f"{src}/{m_}" for src in ("data", "student") for m_ in ("pre", "opsd/teacher=base", "opsd/teacher=self")
+    }
     traces = [base.encode_completion(s.text_only_completion()) for s in SAMPLES[:3]]
     for measure in ("data/pre", "data/opsd/teacher=base", "data/opsd/teacher=self"):
         assert by_measure[measure] == traces  # identical token ids before and after
@@ -341,7 +334,7 @@ def test_both_sources_in_one_run_and_the_data_closure_is_on_identical_tokens():
 
 
 def test_report_fields_give_both_closures_with_their_teacher_side():
-    base, trained = tiny(0), _trained()
+    base, trained = tiny_mini(0), _trained()
     m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, max_new_tokens=8, seed=1)
     kl = report_fields({"kl": m})["kl"]
     assert kl["headline"] == "closure"
@@ -359,8 +352,9 @@ def test_report_fields_give_both_closures_with_their_teacher_side():
     with pytest.raises(ValueError, match="teacher_side"):
         report_fields({"kl": m}, teacher_side="teacher")
     # the student samples as the headline: kl.closure still holds the identical-token figures
-    flipped = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources=["student", "data"],
-                            max_new_tokens=8, seed=1)
+    flipped = kl_diagnostic(
+        base, SAMPLES[:3], post={"opsd": trained}, sources=["student", "data"], max_new_tokens=8, seed=1
+    )
     kl2 = report_fields({"kl": flipped})["kl"]
     assert kl2["headline"] == "closure_student_samples" and kl2["closure"]["completions"] == "data"
     assert kl2["closure"]["per_model"] == kl["closure"]["per_model"]
@@ -373,12 +367,16 @@ def test_report_fields_give_both_closures_with_their_teacher_side():
 def test_report_md_shows_both_closures_headline_first(tmp_path):
     from visual_opsd.report import write_report
 
-    base, trained = tiny(0), _trained()
+    base, trained = tiny_mini(0), _trained()
     for sources in (["data", "student"], ["student", "data"]):
         m = kl_diagnostic(base, SAMPLES[:3], post={"opsd": trained}, sources=sources, max_new_tokens=8, seed=1)
         kl = report_fields({"kl": m})["kl"]
-        system = {"accuracy": 50.0, "latency_s": 0.1, "tokens": 10,
-                  "tasks": {"maze": {"accuracy": 50.0, "ci95": [30.0, 70.0], "n": 4, "latency_s": 0.1, "tokens": 10}}}
+        system = {
+            "accuracy": 50.0,
+            "latency_s": 0.1,
+            "tokens": 10,
+            "tasks": {"maze": {"accuracy": 50.0, "ci95": [30.0, 70.0], "n": 4, "latency_s": 0.1, "tokens": 10}},
+        }
         md = write_report({"systems": {"opsd": system}, "kl": kl}, tmp_path / sources[0], {}).read_text()
         identical, samples = md.index("Closure on identical tokens"), md.index("Closure on student samples")
         assert (identical < samples) == (sources[0] == "data")
@@ -389,15 +387,16 @@ def test_report_md_shows_both_closures_headline_first(tmp_path):
 
 
 def test_an_invalid_completion_source_is_a_clear_error():
-    from visual_opsd.config import ConfigError, load_config
+    from visual_opsd.config import load_config
     from visual_opsd.diagnostics.run import DiagnoseConfig
+    from visual_opsd.errors import ConfigError
 
     with pytest.raises(ValueError, match=r"unknown completion source 'pixels'; choose from \['data', 'student'\]"):
-        kl_diagnostic(tiny(), SAMPLES[:2], sources=["data", "pixels"])
+        kl_diagnostic(tiny_mini(), SAMPLES[:2], sources=["data", "pixels"])
     with pytest.raises(ValueError, match="no completion source"):
-        kl_diagnostic(tiny(), SAMPLES[:2], sources=[])
+        kl_diagnostic(tiny_mini(), SAMPLES[:2], sources=[])
     with pytest.raises(ValueError, match="repeat"):
-        kl_diagnostic(tiny(), SAMPLES[:2], sources=["data", "data"])
+        kl_diagnostic(tiny_mini(), SAMPLES[:2], sources=["data", "data"])
     for bad in ("[pixels]", "[]", "[data,data]", "data"):
         with pytest.raises(ConfigError, match="kl"):
             load_config(DiagnoseConfig, None, [f"kl.sources={bad}"])
@@ -408,7 +407,10 @@ def test_an_invalid_completion_source_is_a_clear_error():
 
 def test_post_model_names():
     assert post_models(["runs/opsd/best/model", "noise=runs/opsd_noise/best", "x/opsd/last"]) == {
-        "opsd": "runs/opsd/best/model", "noise": "runs/opsd_noise/best", "opsd_2": "x/opsd/last"}
+        "opsd": "runs/opsd/best/model",
+        "noise": "runs/opsd_noise/best",
+        "opsd_2": "x/opsd/last",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,15 +430,30 @@ def test_diagnose_typo_is_a_config_error(capsys):
     assert "did you mean 'kl'?" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the whole `diagnose all` pipeline (interventions, attention, KL) on two models
 def test_diagnose_all_end_to_end(tmp_path, capsys):
     model, post = tmp_path / "teacher", tmp_path / "opsd" / "best" / "model"
     scripted().save(model)
     scripted(seed=1).save(post)
     out = tmp_path / "diag"
-    argv = ["diagnose", "all", "--model", str(model), "--post", str(tmp_path / "opsd" / "best"),
-            f"out_dir={out}", "progress=false", "threads=1", "data.n=4", "data.sizes=[3,4]",
-            "interventions.vt_steps=2", "interventions.max_new_tokens=10", "attention.vt_steps=2",
-            "attention.max_new_tokens=10", "kl.max_new_tokens=10"]
+    argv = [
+        "diagnose",
+        "all",
+        "--model",
+        str(model),
+        "--post",
+        str(tmp_path / "opsd" / "best"),
+        f"out_dir={out}",
+        "progress=false",
+        "threads=1",
+        "data.n=4",
+        "data.sizes=[3,4]",
+        "interventions.vt_steps=2",
+        "interventions.max_new_tokens=10",
+        "attention.vt_steps=2",
+        "attention.max_new_tokens=10",
+        "kl.max_new_tokens=10",
+    ]
     assert main(argv) == 0
     for what in ("interventions", "attention", "kl"):
         for ext in ("json", "md", "png"):
@@ -461,4 +478,5 @@ def test_diagnose_all_end_to_end(tmp_path, capsys):
     assert fields["kl"]["closure"]["k_pre"] == kl["metrics"]["kl/data/pre/maze/mean"]
     assert fields["kl"]["closure"]["per_model"] == {"opsd": kl["metrics"]["kl/data/closure/opsd/teacher=self/maze"]}
     assert fields["kl"]["closure_student_samples"]["per_model"] == {
-        "opsd": kl["metrics"]["kl/student/closure/opsd/teacher=self/maze"]}
+        "opsd": kl["metrics"]["kl/student/closure/opsd/teacher=self/maze"]
+    }

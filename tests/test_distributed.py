@@ -11,119 +11,42 @@ accelerate config resolved by accelerate's own launcher code to the engine it cl
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import (
+    DIST_STEPS,
+    ROOT,
+    bagel_tiny_folder,
+    dist_overrides,
+    launch,
+    max_diff,
+    one_process,
+    step_rows,
+    weights,
+)
 from safetensors.torch import load_file
 
 from visual_opsd.backends.bagel_model import is_generation_param
 from visual_opsd.backends.mini import MiniBackend
 from visual_opsd.config import load_config
 from visual_opsd.faults import DUMP_ENV, ENV
-from visual_opsd.tokenizer import build_tokenizer_for_tasks
 from visual_opsd.train import TrainConfig, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 3
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_mini(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def save_tiny_mini(path: Path) -> Path:
-    """A very small mini-backend model (2 layers, d_model 32) saved at `path`."""
-    tokenizer = build_tokenizer_for_tasks(["maze"], n_per_task=40)
-    MiniBackend.new(tokenizer, seed=0, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=4).save(path)
-    return path
-
-
-def overrides(model: Path, out: Path, **extra) -> list[str]:
-    base = {
-        "init_from": str(model), "out_dir": str(out), "progress": "false", "threads": "1",
-        "data.sizes": "[3,4]", "data.n_train": "12", "data.n_val": "2", "rollout.source": "data",
-        "eval.max_new_tokens": "4", "eval.every": "100", "optim.steps": str(STEPS), "optim.prompts_per_step": "4",
-        # Adam divides by sqrt(v): an entry whose gradient nearly cancels (fp32 summation order differs
-        # between splits) moves by up to ~lr x 1e-3 differently; lr 3e-4 keeps that below 1e-6
-        "optim.lr": "0.0003", "optim.warmup_steps": "1", "save_every": "1", "teacher.ema_decay": "0.5",
-        "loss.top_k": "null",
-    }
-    base.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(n: int, args: list[str], timeout: float = 120, config: str | None = None,
-           **env_extra: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd train`,
-    with a shipped accelerate `config` (configs/accelerate/) when given (fp32: --mixed_precision no)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           **env_extra}
-    engine = ["--config_file", str(ROOT / "configs" / "accelerate" / config)] if config else ["--multi_gpu"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(n),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "visual_opsd.cli", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = load_file(str(folder / "model" / "model.safetensors"))
-    teacher = folder / "teacher.safetensors"
-    if teacher.is_file():
-        out.update({f"teacher/{k}": v for k, v in load_file(str(teacher)).items()})
-    return out
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def step_rows(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
-
-
-@pytest.fixture(scope="module")
-def single(tiny_model, tmp_path_factory) -> Path:
-    """The reference: one process, one micro-batch of 4 prompts per step (gradients dumped too)."""
-    return one_process(tiny_model, tmp_path_factory.mktemp("single") / "run")
-
-
-def one_process(model: Path, out: Path) -> Path:
-    """A plain one-process run of `overrides(model, out)` that dumps its gradients under out/grads."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(DUMP_ENV, str(out / "grads"))
-    try:
-        run_train(load_config(TrainConfig, None, overrides(model, out)))
-    finally:
-        mp.undo()
-    return out
-
-
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_model, single, tmp_path):
     out = tmp_path / "ddp"
-    launch(2, overrides(tiny_model, out, **{"optim.grad_accum": 2}), **{DUMP_ENV: str(out / "grads")})
+    launch(2, dist_overrides(tiny_model, out, **{"optim.grad_accum": 2}), **{DUMP_ENV: str(out / "grads")})
     # the summed gradient of every step, then the weights (student and EMA teacher) after k steps
-    for step in range(1, STEPS + 1):
+    for step in range(1, DIST_STEPS + 1):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (single, out))
         assert max_diff(a, b) < 1e-6, f"step {step}"
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     ref, ddp = step_rows(single), step_rows(out)
-    assert [r["step"] for r in ddp] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in ddp] == list(range(1, DIST_STEPS + 1))
     per_rank = [r["tokens/per_rank"] for r in ddp]
     assert any(a != b for a, b in per_rank), f"ranks got equal token counts {per_rank}: not an uneven test"
     for a, b in zip(ref, ddp, strict=True):
@@ -135,45 +58,53 @@ def test_two_processes_match_one_process(tiny_model, single, tmp_path):
         assert stats and stats == sorted(k for k in b if k.startswith("rollout/"))
         assert [b[k] for k in stats] == pytest.approx([a[k] for k in stats], abs=1e-12)
     # validation is sharded over ranks and its correct answers summed
-    val = [[(r["step"], r["val/accuracy"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-            if "val/accuracy" in r] for d in (single, out)]
-    assert val[0] == val[1] and [s for s, _ in val[0]] == [0, STEPS]
+    val = [
+        [
+            (r["step"], r["val/accuracy"])
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+            if "val/accuracy" in r
+        ]
+        for d in (single, out)
+    ]
+    assert val[0] == val[1] and [s for s, _ in val[0]] == [0, DIST_STEPS]
     # rank 0 alone wrote: one metrics file, one checkpoint, no temporaries
     written = sorted(p.name for p in out.iterdir())
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(tiny_model, single, tmp_path):
     out = tmp_path / "mixed"
-    launch(2, overrides(tiny_model, out, stop_at_step=1))
+    launch(2, dist_overrides(tiny_model, out, stop_at_step=1))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 1
-    run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last")))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last")))
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
-    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_model, tmp_path, monkeypatch):
     """A NaN loss on rank 1 alone at step 2: the loss sum and the gradient norm are reduced before the
     check, so both ranks skip the step (no rank hangs or diverges), and the run ends with the weights of
     one process that skipped step 2."""
     ref = tmp_path / "single"
     monkeypatch.setenv(ENV, "nan:loss@2")
-    run_train(load_config(TrainConfig, None, overrides(tiny_model, ref)))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, ref)))
     monkeypatch.delenv(ENV)
     out = tmp_path / "ddp"
-    launch(2, overrides(tiny_model, out, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
+    launch(2, dist_overrides(tiny_model, out, **{"optim.grad_accum": 2}), **{ENV: "nan:loss@2/1"})
     rows, ref_rows = step_rows(out), step_rows(ref)
     assert [r["step"] for r in rows if "skipped" in r] == [2] == [r["step"] for r in ref_rows if "skipped" in r]
     assert rows[1]["samples"] == ref_rows[1]["samples"] and len(rows[1]["samples"]) == 4  # the global batch
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows] == list(range(1, DIST_STEPS + 1))
     assert max_diff(weights(ref / "last"), weights(out / "last")) < 1e-6
 
 
 def test_split_must_divide_the_global_batch(tiny_model, tmp_path):
-    from visual_opsd.config import ConfigError
+    from visual_opsd.errors import ConfigError
     from visual_opsd.train import prompts_per_rank
 
-    cfg = load_config(TrainConfig, None, overrides(tiny_model, tmp_path, **{"optim.grad_accum": 2}))
+    cfg = load_config(TrainConfig, None, dist_overrides(tiny_model, tmp_path, **{"optim.grad_accum": 2}))
     assert prompts_per_rank(cfg.optim, 2) == 2
     with pytest.raises(ConfigError, match="multiple of processes x optim.grad_accum = 4 x 2 = 8"):
         prompts_per_rank(cfg.optim, 4)
@@ -191,8 +122,11 @@ def test_shipped_accelerate_configs_parse(path):
 
 
 SHIPPED = {  # file: (accelerate distributed type, machines, processes)
-    "single_gpu.yaml": ("NO", 1, 1), "ddp.yaml": ("MULTI_GPU", 1, 8), "fsdp.yaml": ("FSDP", 1, 8),
-    "deepspeed_zero2.yaml": ("DEEPSPEED", 1, 8), "deepspeed_zero3.yaml": ("DEEPSPEED", 1, 8),
+    "single_gpu.yaml": ("NO", 1, 1),
+    "ddp.yaml": ("MULTI_GPU", 1, 8),
+    "fsdp.yaml": ("FSDP", 1, 8),
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 1, 8),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 1, 8),
     "multi_node.yaml": ("MULTI_GPU", 2, 16),
 }
 
@@ -271,10 +205,23 @@ def _fake_accelerator(engine: str, zero_stage: int = 3, offload: str = "none", p
 
     from accelerate.utils import DistributedType
 
-    plugin = plugin or SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {
-        "stage": zero_stage, "offload_optimizer": {"device": offload}, "offload_param": {"device": "none"}}})
-    return SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"),
-                           distributed_type=DistributedType[engine], state=SimpleNamespace(deepspeed_plugin=plugin))
+    plugin = plugin or SimpleNamespace(
+        zero_stage=zero_stage,
+        deepspeed_config={
+            "zero_optimization": {
+                "stage": zero_stage,
+                "offload_optimizer": {"device": offload},
+                "offload_param": {"device": "none"},
+            }
+        },
+    )
+    return SimpleNamespace(
+        process_index=0,
+        num_processes=2,
+        device=torch.device("cpu"),
+        distributed_type=DistributedType[engine],
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU"])
@@ -285,8 +232,8 @@ def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
     unless shard_weights or deepspeed_stage asks."""
     from types import SimpleNamespace
 
-    from visual_opsd.config import ConfigError
     from visual_opsd.distributed import Dist
+    from visual_opsd.errors import ConfigError
 
     dist, backend = Dist(_fake_accelerator(engine)), MiniBackend.load(tiny_model)
     unshardable = SimpleNamespace(supports_sharding=False)
@@ -313,14 +260,18 @@ def test_engines_shard_only_what_can_be_sharded(tiny_model, engine):
             dist.check_engine(unshardable, shard_weights=ask)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(tiny_model, single, tmp_path):
     """FSDP2 (weights, gradients, optimizer state and EMA shadow sharded over 2 gloo processes, 2
     micro-batches each) reproduces one unsharded process: gradients, losses, and after 3 steps the
     weights, the EMA teacher and the optimizer state."""
     out = tmp_path / "fsdp"
-    launch(2, overrides(tiny_model, out, shard_weights="true", **{"optim.grad_accum": 2}),
-           **{DUMP_ENV: str(out / "grads")})
-    for step in range(1, STEPS + 1):
+    launch(
+        2,
+        dist_overrides(tiny_model, out, shard_weights="true", **{"optim.grad_accum": 2}),
+        **{DUMP_ENV: str(out / "grads")},
+    )
+    for step in range(1, DIST_STEPS + 1):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (single, out))
         assert max_diff(a, b) < 1e-6, f"step {step}"
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
@@ -337,16 +288,16 @@ def test_fsdp_two_processes_match_one_process(tiny_model, single, tmp_path):
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_fsdp_shards_the_bagel_backend_as_one_process(tmp_path):
     """The BAGEL backend (tiny golden weights, released folder layout) under FSDP2 on 2 processes
     reproduces one process: its scoring runs inside BagelModel.forward, so FSDP gathers the weights for
     it and reduces every gradient it makes (the generation side, frozen, gets none)."""
-    from test_bagel import tiny_folder  # the same tiny checkpoint folder as the BAGEL tests
-
-    model = tiny_folder(tmp_path / "bagel")
+    model = bagel_tiny_folder(tmp_path / "bagel")  # the same tiny checkpoint folder as the BAGEL tests
     one, two = one_process(model, tmp_path / "one"), tmp_path / "two"
-    launch(2, overrides(model, two, shard_weights="true", **{"optim.grad_accum": 2}), **{DUMP_ENV: str(two / "grads")})
-    for step in range(1, STEPS + 1):
+    args = dist_overrides(model, two, shard_weights="true", **{"optim.grad_accum": 2})
+    launch(2, args, **{DUMP_ENV: str(two / "grads")})
+    for step in range(1, DIST_STEPS + 1):
         a, b = (load_file(str(d / "grads" / f"grads-{step}.safetensors")) for d in (one, two))
         assert a and max_diff(a, b) < 1e-6, f"step {step}"
         assert not any(is_generation_param(k) for k in a)  # the generation side is frozen
@@ -354,17 +305,18 @@ def test_fsdp_shards_the_bagel_backend_as_one_process(tmp_path):
     assert max_diff(weights(one / "best"), weights(two / "best")) < 1e-6
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_unsharded_and_back(tiny_model, single, tmp_path):
     """Step 1 under FSDP on 2 processes, step 2 in one plain process, step 3 under FSDP again (from
     configs/accelerate/fsdp.yaml): the same weights as one uninterrupted process (checkpoints hold
     whole tensors either way)."""
     out = tmp_path / "mixed"
-    launch(2, overrides(tiny_model, out, shard_weights="true", stop_at_step=1))
-    run_train(load_config(TrainConfig, None, overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
+    launch(2, dist_overrides(tiny_model, out, shard_weights="true", stop_at_step=1))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
     # the last part through the shipped FSDP config: on a CPU accelerate resolves it to MULTI_CPU, and
     # the run still shards, from the launcher's environment
-    proc = launch(2, overrides(tiny_model, out, resume=out / "last"), config="fsdp.yaml")
+    proc = launch(2, dist_overrides(tiny_model, out, resume=out / "last"), config="fsdp.yaml")
     assert "train: 2 processes, engine fsdp" in proc.stdout
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
-    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))

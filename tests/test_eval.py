@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import VSP_EXAMPLES
 
 from visual_opsd import evaluate as ev
 from visual_opsd.backends.base import Decoder
@@ -22,10 +23,9 @@ from visual_opsd.sft import batches, predict
 from visual_opsd.stats import wilson_interval
 from visual_opsd.tasks import get_task
 from visual_opsd.tasks.maze import shortest_path
+from visual_opsd.tasks.vsp_rules import read_table, score_strict, score_vsp
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
-from visual_opsd.vsp import read_table, score_strict, score_vsp
 
-VSP_EXAMPLES = Path(__file__).parent / "data" / "vsp-examples"
 FAST = ["--warmup", "1", "--max-new-tokens", "6", "--vt-steps", "2", "--no-progress", "threads=1"]
 TASK_KEYS = {"accuracy", "ci95", "n", "latency_s", "latency_n", "tokens", "by_size"}
 RECORD_KEYS = {"id", "mode", "prediction", "parsed", "answer", "correct", "latency_s", "tokens", "size"}
@@ -84,8 +84,23 @@ def check_summary(entry: dict, records: list[dict]) -> None:
 
 def test_eval_on_generated_mazes(model, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["eval", "--system", f"fast={model}", "--system", f"slow={model}:interleaved",
-            "--n", "4", "--sizes", "3", "4", "--seed", "5", "--out", str(out), *FAST]
+    argv = [
+        "eval",
+        "--system",
+        f"fast={model}",
+        "--system",
+        f"slow={model}:interleaved",
+        "--n",
+        "4",
+        "--sizes",
+        "3",
+        "4",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["fast", "slow"]
@@ -130,8 +145,10 @@ def test_eval_on_vsp_maps_per_level(model, tmp_path):
     system = json.loads((out / "results.json").read_text())["m"]
     assert set(system["tasks"]) == {"vsp"}  # --vsp alone: no generated mazes
     records = read_jsonl(out / "records" / "m_vsp.jsonl")
-    grids = {(lv, i): read_table(VSP_EXAMPLES / f"level{lv}" / "table" / f"{i}.txt") for lv, i in
-             ((int(p.parts[-3][5:]), int(p.stem)) for p in VSP_EXAMPLES.glob("level*/table/*.txt"))}
+    grids = {
+        (lv, i): read_table(VSP_EXAMPLES / f"level{lv}" / "table" / f"{i}.txt")
+        for lv, i in ((int(p.parts[-3][5:]), int(p.stem)) for p in VSP_EXAMPLES.glob("level*/table/*.txt"))
+    }
     assert sorted((r["level"], r["index"]) for r in records) == sorted(grids)
     for r in records:
         grid = grids[(r["level"], r["index"])]
@@ -150,6 +167,7 @@ def test_eval_on_vsp_maps_per_level(model, tmp_path):
 def test_vsp_rules_reported_side_by_side(model, tmp_path, monkeypatch):
     """Scripted answers whose verdicts differ by rule: the per-level and overall numbers of both rules,
     and --rule choosing the headline."""
+
     def answer(s) -> str:
         moves = ", ".join(shortest_path(s.metadata["grid"]))
         level = s.metadata["level"]
@@ -271,8 +289,9 @@ def test_evaluate_batches_accuracy_and_times_evenly_spaced_samples(sharp, monkey
 
     monkeypatch.setattr(ev, "predict", spy)
     samples = mazes(10)
-    result = ev.evaluate(sharp, samples, get_task("maze"), "text", max_new_tokens=8, batch_size=4, latency_n=3,
-                         warmup=1, progress=False)
+    result = ev.evaluate(
+        sharp, samples, get_task("maze"), "text", max_new_tokens=8, batch_size=4, latency_n=3, warmup=1, progress=False
+    )
     assert sum(calls[:-4]) == 10 and max(calls[:-4]) == 4  # the accuracy pass: batches of at most 4
     assert calls[-4:] == [1, 1, 1, 1]  # one warm-up, then three timed samples at batch size 1
     timed = [i for i, r in enumerate(result.records) if r["latency_s"] is not None]
@@ -313,16 +332,28 @@ def test_text_mode_ends_at_image_start_unless_skips_are_allowed(model, tmp_path,
     wrong = tok.encode(" so \\boxed{U}")
     S, E, filler = backend.image_start_id, backend.image_end_id, tok.encode(" R")[0]
     script = [*right, S, filler, *wrong, backend.eos_id]  # the filler's step is taken by the injected E
-    monkeypatch.setattr(MiniBackend, "decoder",
-                        lambda self, contexts, n=1, model=None: _Scripted(len(contexts) * n, script, len(tok)))
+    monkeypatch.setattr(
+        MiniBackend, "decoder", lambda self, contexts, n=1, model=None: _Scripted(len(contexts) * n, script, len(tok))
+    )
     assert predict(backend, [sample], "text") == [backend.decode([*right, S])]
     assert predict(backend, [sample], "text", image_skips=1) == [backend.decode([*right, S, E, *wrong])]
 
     write_dataset([sample], tmp_path / "d")
     for flags, correct in (([], True), (["--image-skips", "1"], False)):
         out = tmp_path / f"eval{len(flags)}"
-        argv = ["eval", "--system", f"m={model}", "--data", str(tmp_path / "d"), "--out", str(out), *flags, *FAST,
-                "--max-new-tokens", "40"]
+        argv = [
+            "eval",
+            "--system",
+            f"m={model}",
+            "--data",
+            str(tmp_path / "d"),
+            "--out",
+            str(out),
+            *flags,
+            *FAST,
+            "--max-new-tokens",
+            "40",
+        ]
         assert main(argv) == 0
         (record,) = read_jsonl(out / "records" / "m_maze.jsonl")
         assert record["correct"] is correct and record["prediction"].count("<image_start>") == 1
@@ -335,8 +366,23 @@ def test_teacher_context_system(sharp, tmp_path):
     VTs, one text round, recomputed here from the backend directly."""
     sharp.save(tmp_path / "m")
     out = tmp_path / "eval"
-    argv = ["eval", "--system", f"t={tmp_path / 'm'}:teacher_context", "--system", f"s={tmp_path / 'm'}:text",
-            "--n", "8", "--sizes", "3", "5", "--seed", "5", "--out", str(out), *FAST]
+    argv = [
+        "eval",
+        "--system",
+        f"t={tmp_path / 'm'}:teacher_context",
+        "--system",
+        f"s={tmp_path / 'm'}:text",
+        "--n",
+        "8",
+        "--sizes",
+        "3",
+        "5",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["t"]["mode"] == "teacher_context" and results["t"]["tasks"]["maze"]["n"] == 8
@@ -367,5 +413,15 @@ def test_validation_decodes_one_text_round_by_default(monkeypatch):
     dist = SimpleNamespace(rank=0, world=1, sum=lambda x: x, is_main=True)
     for skips in (0, 2):
         cfg = SimpleNamespace(eval=train.TrainEvalConfig(image_skips=skips), seed=0)
-        train._validate(None, engine, get_task("maze"), mazes(2), cfg, Path("unused"), dist, step=1, best=2.0)
+        run = SimpleNamespace(
+            cfg=cfg,
+            dist=dist,
+            engine=engine,
+            backend=None,
+            task=get_task("maze"),
+            val=mazes(2),
+            state=train.TrainState(best=2.0),
+            out=Path("unused"),
+        )
+        train.validate(run, step=1)
     assert seen == [0, 2]

@@ -12,73 +12,35 @@ import logging
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import SHORT_RUN, assert_same, cli, run_overrides, step_rows, weights
 
 from visual_opsd.backends.mini import MiniBackend
-from visual_opsd.checkpoint import CheckpointError, resolve_checkpoint, verify_manifest
+from visual_opsd.checkpoint import resolve_checkpoint, verify_manifest
 from visual_opsd.config import load_config
-from visual_opsd.errors import BudgetError, TrainingAborted
+from visual_opsd.errors import BudgetError, CheckpointError, TrainingAborted
 from visual_opsd.faults import ENV
-from visual_opsd.tokenizer import build_tokenizer_for_tasks
 from visual_opsd.train import TrainConfig, run_train
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-STEPS = 4
+STEPS = int(SHORT_RUN["optim.steps"])
 # one random step per kill point, drawn once from a fixed seed (reproducible "random points")
 _rng = random.Random(10)
-KILLS = [("rollout", _rng.randint(2, STEPS)), ("optimizer", _rng.randint(2, STEPS)),
-         ("checkpoint", _rng.randint(2, STEPS))]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tokenizer = build_tokenizer_for_tasks(["maze"], n_per_task=40)
-    MiniBackend.new(tokenizer, seed=0, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=4).save(path)
-    return path
+KILLS = [
+    ("rollout", _rng.randint(2, STEPS)),
+    ("optimizer", _rng.randint(2, STEPS)),
+    ("checkpoint", _rng.randint(2, STEPS)),
+]
 
 
 def overrides(model: Path, out: Path, **extra) -> list[str]:
-    base = {
-        "init_from": str(model), "out_dir": str(out), "progress": "false", "threads": "1",
-        "data.sizes": "[3,3]", "data.n_train": "12", "data.n_val": "2",
-        "rollout.max_new_tokens": "12", "eval.max_new_tokens": "4", "eval.every": "100",
-        "optim.steps": str(STEPS), "optim.prompts_per_step": "4", "optim.lr": "0.01", "optim.warmup_steps": "1",
-        "save_every": "1", "teacher.ema_decay": "0.5",
-    }
-    base.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+    return run_overrides(model, out, SHORT_RUN, **extra)
 
 
 def train(model: Path, out: Path, **extra) -> Path:
     return run_train(load_config(TrainConfig, None, overrides(model, out, **extra)))
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = load_file(str(folder / "model" / "model.safetensors"))
-    out.update({f"teacher/{k}": v for k, v in load_file(str(folder / "teacher.safetensors")).items()})
-    return out
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
-
-
-def cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    env.pop(ENV, None)
-    if fault:
-        env[ENV] = fault
-    return subprocess.run([sys.executable, "-m", "visual_opsd.cli", "train", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def step_of(folder: Path) -> int:
@@ -96,10 +58,11 @@ def reference(tiny_model, tmp_path_factory) -> Path:
 # --- killed runs ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,step", KILLS, ids=[f"{p}@{s}" for p, s in KILLS])
 def test_sigkill_then_resume_gives_identical_weights(tiny_model, reference, tmp_path, point, step):
     out = tmp_path / "run"
-    proc = cli(overrides(tiny_model, out), fault=f"kill:{point}@{step}")
+    proc = cli(["train", *overrides(tiny_model, out)], fault=f"kill:{point}@{step}")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     # the checkpoint left is the last complete one; a half-written one exists only under a temporary name
     last = resolve_checkpoint(out / "last")
@@ -109,10 +72,9 @@ def test_sigkill_then_resume_gives_identical_weights(tiny_model, reference, tmp_
     if point == "checkpoint":
         assert partial and not (partial[0] / "optimizer.pt").exists(), "expected a half-written temporary"
     train(tiny_model, out, resume=out / "last")
-    assert_same(weights(reference / "last"), weights(out / "last"))
+    assert_same(weights(reference / "last", teacher=True), weights(out / "last", teacher=True))
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # leftovers cleaned on resume
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "lr" in r] == list(range(1, STEPS + 1))  # each step logged once
+    assert [r["step"] for r in step_rows(out)] == list(range(1, STEPS + 1))  # each step logged once
 
 
 # --- corrupt checkpoints --------------------------------------------------------------------------
@@ -137,18 +99,28 @@ def test_corrupt_last_falls_back_to_previous(tiny_model, reference, tmp_path, ca
     assert str(weights_file) in caplog.text and "last.prev" in caplog.text
     # resuming replays step 3 from the step-2 checkpoint: the same final weights
     train(tiny_model, out, resume=out / "last")
-    assert_same(weights(reference / "last"), weights(out / "last"))
+    assert_same(weights(reference / "last", teacher=True), weights(out / "last", teacher=True))
 
 
-def test_no_good_checkpoint_stops_with_a_clear_message(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    train(tiny_model, out, stop_at_step=2)
+def _no_good_checkpoint(model: Path, out: Path) -> Path:
+    """A run stopped at step 2 whose last/ and last.prev/ both have a truncated optimizer.pt."""
+    train(model, out, stop_at_step=2)
     for name in ("last", "last.prev"):
         f = out / name / "optimizer.pt"
         f.write_bytes(f.read_bytes()[:100])
+    return out
+
+
+def test_no_good_checkpoint_stops_with_a_clear_message(tiny_model, tmp_path):
+    out = _no_good_checkpoint(tiny_model, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: \d+ bytes, the manifest says \d+"):
         resolve_checkpoint(out / "last")
-    proc = cli(overrides(tiny_model, out, resume=out / "last"))
+
+
+@pytest.mark.slow
+def test_no_good_checkpoint_exits_3_from_the_cli(tiny_model, tmp_path):
+    out = _no_good_checkpoint(tiny_model, tmp_path / "run")
+    proc = cli(["train", *overrides(tiny_model, out, resume=out / "last")])
     assert proc.returncode == 3
     assert "CheckpointError: cannot resume from" in proc.stderr and "Traceback" not in proc.stderr
     assert str(out / "last" / "optimizer.pt") in proc.stderr
@@ -193,13 +165,13 @@ def test_non_finite_step_is_skipped_and_logged(tiny_model, tmp_path, monkeypatch
     monkeypatch.setenv(ENV, "nan:loss@2,inf:grad@3")
     with caplog.at_level(logging.WARNING):
         train(tiny_model, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    rows = step_rows(out)
     skipped = {r["step"]: r for r in rows if "skipped" in r}
     assert sorted(skipped) == [2, 3]
     assert len(skipped[2]["samples"]) == 4 and skipped[3]["bad_steps"] == 2
     assert "step 2: non-finite loss" in caplog.text and skipped[2]["samples"][0] in caplog.text
     assert rows[-1]["step"] == STEPS and "skipped" not in rows[-1]
-    assert all(torch.isfinite(t).all() for t in weights(out / "last").values())
+    assert all(torch.isfinite(t).all() for t in weights(out / "last", teacher=True).values())
 
 
 def test_consecutive_non_finite_steps_abort_leaving_last_good(tiny_model, tmp_path, monkeypatch):
@@ -209,11 +181,14 @@ def test_consecutive_non_finite_steps_abort_leaving_last_good(tiny_model, tmp_pa
         train(tiny_model, out, **{"optim.max_bad_steps": 2})
     # step 2 was skipped (its checkpoint holds step 1's weights), step 3 aborted without writing
     assert step_of(out / "last") == 2 and verify_manifest(out / "last") == []
-    assert_same(weights(out / "last.prev"), weights(out / "last"))
-    assert all(torch.isfinite(t).all() for t in weights(out / "last").values())
-    # the CLI says the same in one line, exit code 3
-    monkeypatch.delenv(ENV)
-    proc = cli(overrides(tiny_model, tmp_path / "cli", **{"optim.max_bad_steps": 1}), fault="nan:loss@1")
+    assert_same(weights(out / "last.prev", teacher=True), weights(out / "last", teacher=True))
+    assert all(torch.isfinite(t).all() for t in weights(out / "last", teacher=True).values())
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_exit_3_from_the_cli(tiny_model, tmp_path):
+    """The command line says the same as TrainingAborted above in one line, with exit code 3."""
+    proc = cli(["train", *overrides(tiny_model, tmp_path / "cli", **{"optim.max_bad_steps": 1})], fault="nan:loss@1")
     assert proc.returncode == 3 and "TrainingAborted" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -233,8 +208,11 @@ def test_memory_budget_fails_with_every_term(tiny_model, tmp_path):
     message = str(info.value)
     for term in ("weights", "gradients", "optimizer (AdamW, 2 states)", "teacher shadow", "activations", "logits"):
         assert term in message
-    train(tiny_model, tmp_path / "ok", **{"limits.max_memory_gb": 1.0, "limits.max_sequence_tokens": 4096,
-                                          "optim.steps": 1})
+    train(
+        tiny_model,
+        tmp_path / "ok",
+        **{"limits.max_memory_gb": 1.0, "limits.max_sequence_tokens": 4096, "optim.steps": 1},
+    )
 
 
 # --- bad data reaching the command line ----------------------------------------------------------

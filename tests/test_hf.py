@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from visual_opsd.backends import backend_kind, hf_compat, load_backend, maze_cell_px  # noqa: E402
+from visual_opsd.backends import backend_kind, hf_compat, maze_cell_px, open_backend  # noqa: E402
 from visual_opsd.backends.hf import HFBackend, merged_state_dict, unwrap  # noqa: E402
 from visual_opsd.backends.hf_config import HFOptions  # noqa: E402
 from visual_opsd.backends.hf_tiny import FAMILIES, tiny_model  # noqa: E402
@@ -127,9 +128,14 @@ def test_contexts_differ_only_in_the_user_turn(backend, samples):
     kinds = [seg.kind for seg in teacher.segments]
     assert kinds.count("problem_image") == 1 and kinds.count("vt_image") == len(s.vt_images)
     assert teacher.num_tokens == len(teacher.ids) and student.num_tokens == len(student.ids)
-    tail = len(backend.tokenizer(backend.processor.apply_chat_template(
-        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True).split("x")[-1],
-        add_special_tokens=False)["input_ids"])
+    tail = len(
+        backend.tokenizer(
+            backend.processor.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+            ).split("x")[-1],
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert student.ids[-tail:] == teacher.ids[-tail:]  # the same generation prompt
     none = backend.build_context(s, "teacher", "none")
     assert [seg.kind for seg in none.segments].count("vt_image") == 0
@@ -147,8 +153,10 @@ def test_noise_vts_are_fresh_normal_pixels_at_the_same_size(backend, samples):
     assert a.ids == data.ids and a.pixels["pixel_values"].shape == data.pixels["pixel_values"].shape
     assert torch.equal(a.pixels["pixel_values"], b.pixels["pixel_values"])
     assert not torch.equal(a.pixels["pixel_values"], c.pixels["pixel_values"])
-    n_problem = data.pixels["pixel_values"].shape[0] - (a.pixels["pixel_values"] != data.pixels["pixel_values"]).any(
-        -1 if backend.mrope else (1, 2, 3)).sum()
+    n_problem = (
+        data.pixels["pixel_values"].shape[0]
+        - (a.pixels["pixel_values"] != data.pixels["pixel_values"]).any(-1 if backend.mrope else (1, 2, 3)).sum()
+    )
     assert n_problem > 0  # the problem image is untouched, only the VT is noise
 
 
@@ -185,8 +193,14 @@ def test_hidden_output_reproduces_logits_and_the_fused_loss(backend, samples):
         t_log, t_hid = backend.score(teacher_ctx, comps), backend.score(teacher_ctx, comps, output="hidden")
     mask = s_log.mask
     ref = generalized_jsd(s_log.logits, t_log.logits, mask=mask, reduction="token_mean", top_k=16)
-    fused = fused_linear_generalized_jsd(s_hid.hidden[mask], t_hid.hidden[mask], s_hid.head_weight,
-                                         teacher_weight=t_hid.head_weight.detach(), reduction="token_mean", top_k=16)
+    fused = fused_linear_generalized_jsd(
+        s_hid.hidden[mask],
+        t_hid.hidden[mask],
+        s_hid.head_weight,
+        teacher_weight=t_hid.head_weight.detach(),
+        reduction="token_mean",
+        top_k=16,
+    )
     assert torch.allclose(ref, fused, atol=1e-6)
     g_ref = torch.autograd.grad(ref, backend.model.get_output_embeddings().weight)[0]
     g_fused = torch.autograd.grad(fused, backend.model.get_output_embeddings().weight)[0]
@@ -205,8 +219,9 @@ def test_sampling_never_emits_image_placeholders(samples, family):
             head[i] = backend.model.model.language_model.norm.weight * 50
     contexts = [backend.build_context(s) for s in samples[:2]]
     for temperature in (1.0, 0.0):
-        out = backend.sample(contexts, n=2, max_new_tokens=8, temperature=temperature,
-                             generator=torch.Generator().manual_seed(0))
+        out = backend.sample(
+            contexts, n=2, max_new_tokens=8, temperature=temperature, generator=torch.Generator().manual_seed(0)
+        )
         assert all(c.ids and not placeholders & set(c.ids) for c in out)
     with torch.no_grad():
         backend.score(contexts, [c.ids for c in out])  # re-scoring works ("image tokens do not match" never)
@@ -251,7 +266,7 @@ def test_max_length_cuts_completions_never_images(samples):
             backend.build_context(samples[0])
         backend.options.max_length = len(ctx.ids) + 20
         row = backend.training_row(samples[0], "interleaved")
-        image_ids = [i for i in row.ids[len(ctx.ids):] if i == backend.image_token_id]
+        image_ids = [i for i in row.ids[len(ctx.ids) :] if i == backend.image_token_id]
         assert len(row.ids) <= len(ctx.ids) + 20 and not image_ids  # the VT block did not fit: cut before it
     finally:
         backend.options.max_length = None
@@ -355,7 +370,7 @@ def test_save_then_from_pretrained_gives_identical_logits(tmp_path, samples, fam
         logits = model(**processor_inputs(backend, ctx.ids + comp, ctx.pixels)).logits[0]
     assert torch.equal(logits[len(ctx.ids) - 1 : -1, : backend.vocab_size], ref)
     assert backend_kind(tmp_path) == "hf"
-    reloaded = load_backend(tmp_path)
+    reloaded = open_backend(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded.score([ctx], [comp]).logits[0], ref)
 
@@ -398,17 +413,17 @@ def test_lora_saves_merged_weights_and_the_adapter_and_resumes_exactly(tmp_path,
     with torch.no_grad():
         logits = adapter(**processor_inputs(backend, ctx.ids + comp, ctx.pixels)).logits[0]
     assert torch.allclose(logits[len(ctx.ids) - 1 : -1], ref, atol=1e-6)
-    resumed = load_backend(tmp_path / "out", options, resume=True)
+    resumed = open_backend(tmp_path / "out", options, resume=True)
     assert resumed.lora and resumed.source == str((tmp_path / "base").resolve())
     with torch.no_grad():
         assert torch.equal(resumed.score([ctx], [comp]).logits[0], ref)  # the adapter itself: exact
-    fresh = load_backend(tmp_path / "out", options)  # not a resume: merged weights + new adapters
+    fresh = open_backend(tmp_path / "out", options)  # not a resume: merged weights + new adapters
     with torch.no_grad():
         assert torch.allclose(fresh.score([ctx], [comp]).logits[0], ref, atol=1e-5)
 
 
 def test_lora_adapter_alone_loads_with_from_pretrained(tmp_path, samples):
-    """hf.save_merged=false: the adapter alone (no full weights); transformers' own loader reads it
+    """backend.save_merged=false: the adapter alone (no full weights); transformers' own loader reads it
     (base from adapter_config.json + adapter) with the logits of the trained model."""
     HFBackend.tiny("qwen2_vl").save(tmp_path / "base")
     backend = HFBackend.load(tmp_path / "base", HFOptions(lora=True, lora_r=4, save_merged=False))
@@ -427,14 +442,14 @@ def test_lora_adapter_alone_loads_with_from_pretrained(tmp_path, samples):
         logits = model(**processor_inputs(backend, ctx.ids + comp, ctx.pixels)).logits[0]
     assert torch.allclose(logits[len(ctx.ids) - 1 : -1], ref, atol=1e-6)
     assert backend_kind(tmp_path / "out") == "hf"
-    reloaded = load_backend(tmp_path / "out")  # no merged weights: base + adapter, merged on load
+    reloaded = open_backend(tmp_path / "out")  # no merged weights: base + adapter, merged on load
     with torch.no_grad():
         assert torch.allclose(reloaded.score([ctx], [comp]).logits[0], ref, atol=1e-5)
 
 
-def test_load_backend_dispatch_and_errors(tmp_path):
+def test_open_backend_dispatch_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        load_backend(tmp_path / "missing")
+        open_backend(tmp_path / "missing")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not a model folder"):
         backend_kind(tmp_path)
@@ -450,18 +465,49 @@ def test_load_backend_dispatch_and_errors(tmp_path):
 # the commands
 
 
+@pytest.mark.slow  # sft, then Visual-OPSD from its result: the pipeline through the command line
 def test_sft_then_lora_visual_opsd_from_the_command_line(tmp_path):
     from visual_opsd.cli import main
 
     common = ["threads=1", "progress=false", "data.n_train=64", "data.n_val=4", "data.sizes=[3,3]"]
-    assert main(["sft", "model.hf.tiny=qwen2_5_vl", f"out_dir={tmp_path}/sft", "optim.steps=3",
-                 "optim.batch_size=4", "eval.every=3", "eval.modes=[text,teacher_context]",
-                 "eval.max_new_tokens=16", *common]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "model.backend.tiny=qwen2_5_vl",
+                f"out_dir={tmp_path}/sft",
+                "optim.steps=3",
+                "optim.batch_size=4",
+                "eval.every=3",
+                "eval.modes=[text,teacher_context]",
+                "eval.max_new_tokens=16",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "sft" / "final" / "config.json").is_file()
-    assert main(["train", f"init_from={tmp_path}/sft/final", f"out_dir={tmp_path}/opsd", "hf.lora=true",
-                 "hf.lora_r=4", "teacher.mode=frozen", "optim.steps=2", "optim.prompts_per_step=2",
-                 "rollout.n=2", "rollout.max_new_tokens=12", "eval.max_new_tokens=12", "loss.fused=true",
-                 "save_every=1", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"init_from={tmp_path}/sft/final",
+                f"out_dir={tmp_path}/opsd",
+                "backend.lora=true",
+                "backend.lora_r=4",
+                "teacher.mode=frozen",
+                "optim.steps=2",
+                "optim.prompts_per_step=2",
+                "rollout.n=2",
+                "rollout.max_new_tokens=12",
+                "eval.max_new_tokens=12",
+                "loss.fused=true",
+                "save_every=1",
+                *common,
+            ]
+        )
+        == 0
+    )
     last = tmp_path / "opsd" / "last"
     assert (last / "model" / "adapter" / "adapter_config.json").is_file()
     assert not (last / "teacher.safetensors").exists()  # frozen LoRA teacher: no shadow weights
@@ -477,18 +523,37 @@ def test_lora_ema_run_shadows_adapters_only_and_resumes_exactly(tmp_path):
     from visual_opsd.cli import main
 
     HFBackend.tiny("qwen2_5_vl").save(tmp_path / "base")
-    common = [f"init_from={tmp_path}/base", "threads=1", "progress=false", "data.n_train=8", "data.n_val=2",
-              "data.sizes=[3,3]", "hf.lora=true", "hf.lora_r=4", "teacher.mode=ema", "teacher.ema_decay=0.5",
-              "optim.steps=2", "optim.prompts_per_step=2", "optim.lr=0.01", "optim.warmup_steps=1", "rollout.n=2",
-              "rollout.max_new_tokens=10", "eval.every=100", "eval.max_new_tokens=10", "loss.fused=true",
-              "save_every=1"]
+    common = [
+        f"init_from={tmp_path}/base",
+        "threads=1",
+        "progress=false",
+        "data.n_train=8",
+        "data.n_val=2",
+        "data.sizes=[3,3]",
+        "backend.lora=true",
+        "backend.lora_r=4",
+        "teacher.mode=ema",
+        "teacher.ema_decay=0.5",
+        "optim.steps=2",
+        "optim.prompts_per_step=2",
+        "optim.lr=0.01",
+        "optim.warmup_steps=1",
+        "rollout.n=2",
+        "rollout.max_new_tokens=10",
+        "eval.every=100",
+        "eval.max_new_tokens=10",
+        "loss.fused=true",
+        "save_every=1",
+    ]
     assert main(["train", f"out_dir={tmp_path}/a", *common]) == 0
     assert main(["train", f"out_dir={tmp_path}/b", f"resume={tmp_path}/a/last.prev", *common]) == 0
 
     def state(run: str) -> tuple[dict, dict]:
         last = tmp_path / run / "last"
-        return (load_file(str(last / "model" / "adapter" / "adapter_model.safetensors")),
-                load_file(str(last / "teacher.safetensors")))
+        return (
+            load_file(str(last / "model" / "adapter" / "adapter_model.safetensors")),
+            load_file(str(last / "teacher.safetensors")),
+        )
 
     (adapter_a, teacher_a), (adapter_b, teacher_b) = state("a"), state("b")
     assert teacher_a and all("lora_" in k for k in teacher_a)  # the EMA shadows the adapters, nothing else
@@ -501,14 +566,31 @@ def test_lora_ema_run_shadows_adapters_only_and_resumes_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-REAL_MODEL_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*_hf_*.yaml")
-                            if "tiny" not in p.name)
+REAL_MODEL_CONFIGS = sorted(
+    p for p in (Path(__file__).parents[1] / "configs").glob("*_hf_*.yaml") if "tiny" not in p.name
+)
 SMOKE = {  # sizes only: every hf.*, loss.*, teacher.* and data format setting stays as shipped
-    "sft": ["optim.steps=1", "optim.batch_size=2", "optim.warmup_steps=0", "eval.every=1", "eval.max_new_tokens=8",
-            "eval.batch_size=2", "data.n_val=2"],
-    "train": ["optim.steps=1", "optim.prompts_per_step=2", "optim.grad_accum=2", "optim.warmup_steps=0",
-              "rollout.n=2", "rollout.max_new_tokens=8", "eval.every=1", "eval.max_new_tokens=8", "data.n_val=2",
-              "save_every=1"],
+    "sft": [
+        "optim.steps=1",
+        "optim.batch_size=2",
+        "optim.warmup_steps=0",
+        "eval.every=1",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=2",
+        "data.n_val=2",
+    ],
+    "train": [
+        "optim.steps=1",
+        "optim.prompts_per_step=2",
+        "optim.grad_accum=2",
+        "optim.warmup_steps=0",
+        "rollout.n=2",
+        "rollout.max_new_tokens=8",
+        "eval.every=1",
+        "eval.max_new_tokens=8",
+        "data.n_val=2",
+        "save_every=1",
+    ],
 }
 
 
@@ -532,7 +614,7 @@ def test_real_model_config_loads_validates_and_runs_on_a_tiny_model(path, tmp_pa
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert any(f"visual-opsd {command} --config configs/{path.name}" in line for line in header), path.name
     cfg = load_config({"sft": SFTConfig, "train": TrainConfig}[command], path)
-    hf = cfg.model.hf if command == "sft" else cfg.hf
+    hf = cfg.model.backend if command == "sft" else cfg.backend
     assert hf.tiny is None and hf.dtype == "bfloat16" and hf.max_length and hf.gradient_checkpointing
     assert (cfg.model.init_from if command == "sft" else cfg.init_from) and cfg.data.path
     if command == "train":
@@ -541,9 +623,32 @@ def test_real_model_config_loads_validates_and_runs_on_a_tiny_model(path, tmp_pa
     HFBackend.tiny("qwen2_5_vl").save(tmp_path / "model")
     write_dataset(samples[:4], tmp_path / "data")
     init = "model.init_from" if command == "sft" else "init_from"
-    overrides = [f"{init}={tmp_path}/model", f"data.path={tmp_path}/data", f"out_dir={tmp_path}/out", "threads=1",
-                 "progress=false", *SMOKE[command]]
+    overrides = [
+        f"{init}={tmp_path}/model",
+        f"data.path={tmp_path}/data",
+        f"out_dir={tmp_path}/out",
+        "threads=1",
+        "progress=false",
+        *SMOKE[command],
+    ]
     assert main([command, "--config", str(path), *overrides]) == 0
     out = tmp_path / "out" / ("final" if command == "sft" else "last/model")
-    lora = (cfg.model.hf if command == "sft" else cfg.hf).lora
+    lora = (cfg.model.backend if command == "sft" else cfg.backend).lora
     assert (out / "config.json").is_file() and (out / "adapter").is_dir() == lora
+
+
+def test_diagnose_kl_opens_an_hf_folder_through_the_registry(tmp_path):
+    """`diagnose` opens model folders through the backend registry, so an HF folder works there as in
+    `train` and `eval`: the KL diagnostic on identical data tokens, with its sanity checks."""
+    from visual_opsd.config import load_config
+    from visual_opsd.diagnostics.run import DiagnoseConfig, diagnose
+
+    HFBackend.tiny("qwen2_5_vl").save(tmp_path / "model")
+    cfg = load_config(DiagnoseConfig, None, [
+        "what=kl", f"model={tmp_path / 'model'}", f"out_dir={tmp_path / 'out'}", "threads=1", "progress=false",
+        "data.n=3", "data.sizes=[3,3]", "kl.sources=[data]", "kl.sanity_samples=2", "kl.max_new_tokens=8",
+    ])
+    metrics = diagnose(cfg)["kl"]
+    assert metrics["kl/sanity/passed"] == 1.0
+    k = [v for key, v in metrics.items() if key.startswith("kl/data/") and key.endswith("/mean")]
+    assert k and all(v >= 0 and math.isfinite(v) for v in k)

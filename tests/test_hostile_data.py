@@ -8,13 +8,16 @@ absurd grid sizes, control characters. The properties:
 - no other exception, no hang (a per-example deadline), bounded memory (images are size-checked
   from their header before decoding).
 
-Runs are bounded (`max_examples`, `deadline`) to keep the suite in seconds; ROWS counts what was tried.
+Runs are bounded (`max_examples`, `deadline`) to keep the suite in seconds. Each test runs its
+property (hypothesis) and then checks that the fuzzing reached both sides: ROWS counts the rows (maps)
+tried, LOADED those that loaded as valid samples, and some of each must have been generated.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import resource
 import struct
 import tempfile
@@ -28,7 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visual_opsd.data import MAX_IMAGE_PIXELS, NATIVE_FILE, DataError, load_dataset, validate_rows
+from visual_opsd.data import NATIVE_FILE, load_dataset, validate_rows
+from visual_opsd.errors import DataError
+from visual_opsd.images import MAX_IMAGE_PIXELS
 
 ROWS = {"jsonl": 0, "parquet": 0, "vsp": 0}  # rows (maps) tried
 LOADED = {"jsonl": 0, "parquet": 0, "vsp": 0}  # of which loaded as valid samples
@@ -99,12 +104,17 @@ safe_text = st.text(alphabet="abcdefgh ?0123456789", min_size=1, max_size=12).fi
 # Valid rows with at most one hostile change, so that the "what loads is well formed" property and
 # the skip counting see a mix of good and bad rows.
 near_valid_rows = st.builds(
-    lambda row, key, value, drop: {k: v for k, v in {**row, **({key: value} if value is not None else {})}.items()
-                                   if k != drop},
-    st.fixed_dictionaries({
-        "id": safe_text, "question": safe_text, "answer": st.sampled_from(["B", "A", "yes"]),
-        "problem_images": st.lists(st.sampled_from(["images/valid.png"] * 6 + IMAGE_REFS), max_size=2),
-    }),
+    lambda row, key, value, drop: {
+        k: v for k, v in {**row, **({key: value} if value is not None else {})}.items() if k != drop
+    },
+    st.fixed_dictionaries(
+        {
+            "id": safe_text,
+            "question": safe_text,
+            "answer": st.sampled_from(["B", "A", "yes"]),
+            "problem_images": st.lists(st.sampled_from(["images/valid.png"] * 6 + IMAGE_REFS), max_size=2),
+        }
+    ),
     st.sampled_from(["id", "question", "answer", "problem_images", "vt_images", "thoughts", "metadata"]),
     st.none() | st.none() | json_values,
     st.none() | st.none() | st.sampled_from(["id", "question", "answer"]),
@@ -143,7 +153,21 @@ def check(path: Path, n_rows: int | None, kind: str) -> None:
         assert isinstance(sample.answer, str) and sample.answer.strip()
         for img in [*sample.problem_images, *sample.vt_images]:
             assert img.mode == "RGB" and 0 < img.width * img.height <= MAX_IMAGE_PIXELS
-    assert validate_rows(path) is not None
+    # `data validate` runs the loader's checks: the same problems, row by row, as the skipped rows'
+    assert problems(validate_rows(path)) == problems(loaded.errors)
+
+
+def problems(errors: list) -> list[tuple]:
+    """RowErrors as comparable tuples (a reason may name an in-memory file by its object address)."""
+    return [(e.row_id, e.field, e.file, re.sub(r" at 0x[0-9a-f]+", "", e.reason)) for e in errors]
+
+
+def fuzz(prop, kind: str) -> tuple[int, int]:
+    """Run the hypothesis property `prop` (its examples fail the test on a broken property); the rows
+    (maps) of `kind` it tried and how many of them loaded as valid samples."""
+    ROWS[kind] = LOADED[kind] = 0
+    prop()
+    return ROWS[kind], LOADED[kind]
 
 
 def write_images(folder: Path) -> None:
@@ -154,7 +178,7 @@ def write_images(folder: Path) -> None:
 
 @SETTINGS
 @given(st.lists(lines, min_size=1, max_size=6))
-def test_jsonl_rows(raw_lines):
+def jsonl_rows(raw_lines):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ds"
         write_images(folder)
@@ -165,11 +189,18 @@ def test_jsonl_rows(raw_lines):
         check(folder, n_rows, "jsonl")
 
 
+def test_jsonl_rows():
+    tried, valid = fuzz(jsonl_rows, "jsonl")
+    assert 0 < valid < tried, (tried, valid)  # good rows and bad rows were generated and told apart
+
+
 def test_huge_images_fail_from_their_header_without_decoding(tmp_path):
     folder = tmp_path / "ds"
     write_images(folder)
-    rows = [{"id": f"r{k}", "question": "q?", "answer": "B", "problem_images": [f"images/{name}"]}
-            for k, name in enumerate(["huge.png", "over_limit.png", "zero.png", "valid.png"])]
+    rows = [
+        {"id": f"r{k}", "question": "q?", "answer": "B", "problem_images": [f"images/{name}"]}
+        for k, name in enumerate(["huge.png", "over_limit.png", "zero.png", "valid.png"])
+    ]
     (folder / NATIVE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loaded = load_dataset(folder, skip_invalid=True)
@@ -190,8 +221,9 @@ def test_overlong_jsonl_line_is_one_bad_row(tmp_path, monkeypatch):
     folder = tmp_path / "ds"
     folder.mkdir()
     good = json.dumps({"id": "ok", "question": "q?", "answer": "B"})
-    (folder / NATIVE_FILE).write_text(json.dumps({"id": "big", "question": "x" * 5000, "answer": "B"}) + "\n"
-                                      + good + "\n")
+    (folder / NATIVE_FILE).write_text(
+        json.dumps({"id": "big", "question": "x" * 5000, "answer": "B"}) + "\n" + good + "\n"
+    )
     loaded = load_dataset(folder, skip_invalid=True)
     assert [s.id for s in loaded] == ["ok"]
     assert loaded.errors[0].row_id == "line 1" and "longer than 1,000 bytes" in loaded.errors[0].reason
@@ -225,7 +257,8 @@ def parquet_value(tp):
     image_bytes = st.sampled_from(list(IMAGES.values())) | st.binary(max_size=30)
     if tp == IMAGE_STRUCT:
         return st.none() | st.fixed_dictionaries(
-            {"bytes": st.none() | image_bytes, "path": st.none() | st.sampled_from(IMAGE_REFS)})
+            {"bytes": st.none() | image_bytes, "path": st.none() | st.sampled_from(IMAGE_REFS)}
+        )
     if tp == pa.binary():
         return st.none() | image_bytes
     if tp == pa.int64():
@@ -257,7 +290,7 @@ def parquet_tables(draw):
 
 @SETTINGS
 @given(parquet_tables())
-def test_parquet_rows(table_and_damage):
+def parquet_rows(table_and_damage):
     table, damage = table_and_damage
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ds"
@@ -276,7 +309,13 @@ def test_parquet_rows(table_and_damage):
         check(file, None if damage is not None else table.num_rows, "parquet")
 
 
+def test_parquet_rows():
+    tried, valid = fuzz(parquet_rows, "parquet")
+    assert 0 < valid < tried, (tried, valid)
+
+
 # --- VSP folders ------------------------------------------------------------------------------
+
 
 def table_text(grid: list[str]) -> str:
     width = len(grid[0]) if grid else 0
@@ -307,7 +346,7 @@ def vsp_maps(draw):
 
 @settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.lists(vsp_maps(), min_size=1, max_size=4))
-def test_vsp_folders(maps):
+def vsp_folders(maps):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "vsp"
         for level, index, table, image in maps:
@@ -320,7 +359,6 @@ def test_vsp_folders(maps):
         check(root, None, "vsp")
 
 
-def test_report_rows_fuzzed(capsys):
-    """Not a property: prints how many rows the suite tried (shown with `pytest -s`)."""
-    with capsys.disabled():
-        print(f"\nhostile data: rows fuzzed {ROWS}, loaded as valid {LOADED}")
+def test_vsp_folders():
+    tried, valid = fuzz(vsp_folders, "vsp")
+    assert 0 < valid < tried, (tried, valid)  # maps that load and maps that fail

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import pixels
 
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import get_task
@@ -24,12 +25,8 @@ def samples(task) -> list[Sample]:
     return task.generate(40, seed=7, split="train", image_px=32)
 
 
-def _pixels(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB"))
-
-
 def _digest(img) -> str:
-    return hashlib.sha256(_pixels(img).tobytes()).hexdigest()
+    return hashlib.sha256(pixels(img).tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- generator
@@ -52,8 +49,8 @@ def test_deterministic(task):
             y.choices,
             y.metadata,
         )
-        assert np.array_equal(_pixels(x.problem_images[0]), _pixels(y.problem_images[0]))
-        assert np.array_equal(_pixels(x.vt_images[0]), _pixels(y.vt_images[0]))
+        assert np.array_equal(pixels(x.problem_images[0]), pixels(y.problem_images[0]))
+        assert np.array_equal(pixels(x.vt_images[0]), pixels(y.vt_images[0]))
     # a longer run starts with the same samples; another seed gives other pictures
     assert [s.question for s in task.generate(14, seed=3, split="val", image_px=16)[:12]] == [s.question for s in a]
     other = task.generate(12, seed=4, split="val", image_px=16)
@@ -64,7 +61,7 @@ def test_splits_never_share_a_picture(task):
     digests = {}
     for split in SPLITS:
         batch = task.generate(60, seed=0, split=split, image_px=16, pieces=4)
-        assert all(split_of_image(_pixels(s.vt_images[0])) == split for s in batch)
+        assert all(split_of_image(pixels(s.vt_images[0])) == split for s in batch)
         digests[split] = [_digest(s.vt_images[0]) for s in batch]
         assert len(set(digests[split])) == len(batch)  # no repeats inside a split either
     assert not set(digests["train"]) & set(digests["val"])
@@ -84,8 +81,8 @@ def test_unknown_split_and_bad_options_fail(task):
 def test_correct_option_reassembles_the_picture_exactly(samples):
     for s in samples:
         layout, k, gap = s.metadata["layout"], s.metadata["pieces"], s.metadata["gap_px"]
-        shown = split_row(_pixels(s.problem_images[0]), k, gap)
-        original = _pixels(s.vt_images[0])
+        shown = split_row(pixels(s.problem_images[0]), k, gap)
+        original = pixels(s.vt_images[0])
         assert original.shape == (32, 32, 3)
         for i, option in enumerate(s.choices):
             rebuilt = assemble([shown[p - 1] for p in parse_order(option)], layout)

@@ -28,14 +28,9 @@ from visual_opsd.losses import (
 REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny; on a busy 2-core machine OpenMP threads only wait for each other
-    (the module runs ~4x faster single-threaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny; on a busy 2-core machine OpenMP threads only wait for each other (the
+# module runs ~4x faster single-threaded).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape: int, seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

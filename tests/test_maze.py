@@ -26,7 +26,7 @@ from visual_opsd.tasks.maze import (
     split_of,
     vt_fidelity,
 )
-from visual_opsd.vsp import MOVES, score_strict
+from visual_opsd.tasks.vsp_rules import MOVES, score_strict
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visual_opsd.backends.base import Decoder, NoiseVT, pick_vt_images, sample_with_image_skip
+from visual_opsd.backends.base import Decoder, sample_with_image_skip
 from visual_opsd.backends.mini import (
     DEFAULT_FRAMING,
     DEFAULT_TRANSITION,
@@ -34,6 +34,7 @@ from visual_opsd.backends.mini import (
 from visual_opsd.backends.mini_model import GEN, PAD, TEXT, UND, MiniUMM, Tokens, attention_mask
 from visual_opsd.sample import MARKERS, THINK_START, Sample
 from visual_opsd.tokenizer import Tokenizer, build_tokenizer, sample_texts
+from visual_opsd.vt import NoiseVT, pick_vt_images
 
 torch.set_num_threads(1)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visual_opsd.config import ConfigError, load_config
-from visual_opsd.data import NATIVE_FILE, DataError, load_dataset
+from visual_opsd.config import load_config
+from visual_opsd.data import NATIVE_FILE, load_dataset
+from visual_opsd.errors import ConfigError, DataError
 from visual_opsd.train import TrainConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "visual_opsd"

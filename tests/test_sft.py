@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from visual_opsd.backends.mini import MiniBackend
-from visual_opsd.config import ConfigError, load_config
+from visual_opsd.config import load_config
+from visual_opsd.errors import ConfigError
 from visual_opsd.sft import OptimConfig, SFTConfig, lr_at, run_sft
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("sft_*.yaml"))
@@ -84,6 +85,7 @@ def test_run_sft_end_to_end(tmp_path, trace):
     assert run_sft(more).is_dir()
 
 
+@pytest.mark.slow  # a 40-step run
 def test_sft_lowers_the_loss(tmp_path):
     cfg = load_config(
         SFTConfig,

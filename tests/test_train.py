@@ -5,25 +5,21 @@ checkpoints it leaves."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHORT_RUN, assert_same, cli, metrics_rows, run_overrides, step_rows, train_dumping_grads, weights
 from safetensors.torch import load_file
 
 from visual_opsd.backends.mini import MiniBackend
-from visual_opsd.config import ConfigError, load_config
-from visual_opsd.faults import DUMP_ENV
+from visual_opsd.config import load_config
+from visual_opsd.errors import ConfigError
 from visual_opsd.losses import generalized_jsd
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.tasks import get_task
 from visual_opsd.teacher import Teacher
-from visual_opsd.tokenizer import build_tokenizer_for_tasks
 from visual_opsd.train import (
     LossConfig,
     TrainConfig,
@@ -34,33 +30,11 @@ from visual_opsd.train import (
     teacher_contexts,
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """An untrained two-layer mini model saved like an SFT result (weights + tokenizer + config)."""
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tokenizer = build_tokenizer_for_tasks(["maze"], n_per_task=40)
-    backend = MiniBackend.new(tokenizer, seed=0, d_model=32, n_layers=2, n_heads=2, patch_size=4, max_grid=4)
-    backend.save(path)
-    return path
+RUN = {**SHORT_RUN, "data.n_val": "4", "eval.max_new_tokens": "12", "optim.steps": "6"}
 
 
 def overrides(model: Path, out: Path, **extra) -> list[str]:
-    base = {
-        "init_from": str(model), "out_dir": str(out), "progress": "false", "threads": "1",
-        "data.sizes": "[3,3]", "data.n_train": "12", "data.n_val": "4",
-        "rollout.max_new_tokens": "12", "eval.max_new_tokens": "12", "eval.every": "100",
-        "optim.steps": "6", "optim.prompts_per_step": "4", "optim.lr": "0.01", "optim.warmup_steps": "1",
-        "save_every": "1", "teacher.ema_decay": "0.5",
-    }
-    base.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "last" / "model" / "model.safetensors"))
+    return run_overrides(model, out, RUN, **extra)
 
 
 def test_batches_cover_each_epoch_once():
@@ -69,51 +43,48 @@ def test_batches_cover_each_epoch_once():
     assert batch_indices(12, 1, 4, seed=3) == batch_indices(12, 1, 4, seed=3)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model, tmp_path):
+    """`visual-opsd train` SIGKILLed half way through step 4 (after the optimizer step changed the
+    weights, before the teacher update and the checkpoint: the `kill:optimizer@4` fault point), then
+    resumed from last/: the same weights (student and EMA teacher), bit for bit, as an uninterrupted run."""
     ref = tmp_path / "ref"
     run_train(load_config(TrainConfig, None, overrides(tiny_model, ref)))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "visual_opsd.cli", "train", *overrides(tiny_model, killed)]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    # kill once a few steps are logged: somewhere in a later step's rollout, update or checkpoint write
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"lr"') >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = cli(["train", *overrides(tiny_model, killed)], fault="kill:optimizer@4")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = json.loads((killed / "last" / "trainer_state.json").read_text())
-    assert 1 <= state["step"] < 6
+    assert state["step"] == 3  # the last complete checkpoint, step 4's never started
+    assert [r["step"] for r in step_rows(killed)] == [1, 2, 3]
     assert not [p for p in killed.iterdir() if p.name.startswith(".tmp-") and (p / "trainer_state.json").exists()]
 
     run_train(load_config(TrainConfig, None, overrides(tiny_model, killed, resume=killed / "last")))
-    a, b = final_weights(ref), final_weights(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"lr"' in line]
-    assert steps[-1] == 6
+    assert_same(weights(ref / "last", teacher=True), weights(killed / "last", teacher=True))
+    assert [r["step"] for r in step_rows(killed)] == [1, 2, 3, 4, 5, 6]
 
 
 def _split_run(model: Path, out: Path, accum: int, reduction: str, fused: bool) -> list[tuple[float, float, int]]:
     """A 2-step deterministic run (completions from the data) with `accum` micro-batches per step;
     its gradients are dumped under out/grads. Returns (loss, grad_norm, tokens) per step."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(DUMP_ENV, str(out / "grads"))
-    try:
-        run_train(load_config(TrainConfig, None, overrides(
-            model, out, **{"optim.grad_accum": accum, "optim.steps": 2, "rollout.source": "data",
-                           "loss.top_k": "null", "loss.clip": "null", "optim.lr": 1e-4,
-                           "loss.reduction": reduction, "loss.fused": str(fused).lower()})))
-    finally:
-        mp.undo()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["loss"], r["grad_norm"], r["tokens"]) for r in rows if "lr" in r]
+    train_dumping_grads(
+        overrides(
+            model,
+            out,
+            **{
+                "optim.grad_accum": accum,
+                "optim.steps": 2,
+                "rollout.source": "data",
+                "loss.top_k": "null",
+                "loss.clip": "null",
+                "optim.lr": 1e-4,
+                "loss.reduction": reduction,
+                "loss.fused": str(fused).lower(),
+            },
+        ),
+        out,
+    )
+    return [(r["loss"], r["grad_norm"], r["tokens"]) for r in step_rows(out)]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -213,16 +184,30 @@ def test_sequence_mean_is_the_mean_over_completions_of_their_token_means(tiny_mo
 @pytest.mark.parametrize("vt_mode", ["noise", "shuffled", "none"])
 def test_controls_train_and_log(tiny_model, tmp_path, vt_mode):
     out = tmp_path / vt_mode
-    cfg = load_config(TrainConfig, None, overrides(
-        tiny_model, out, **{"teacher.vt_mode": vt_mode, "teacher.mode": "frozen", "optim.steps": 2,
-                            "eval.every": 2, "rollout.n": 2}))
+    cfg = load_config(
+        TrainConfig,
+        None,
+        overrides(
+            tiny_model,
+            out,
+            **{"teacher.vt_mode": vt_mode, "teacher.mode": "frozen", "optim.steps": 2, "eval.every": 2, "rollout.n": 2},
+        ),
+    )
     selected = run_train(cfg)
     assert selected.parent.name == "best" and (selected / "model.safetensors").is_file()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    step_rows = [r for r in rows if "lr" in r]
-    assert len(step_rows) == 2
-    for key in ("loss", "tokens", "rollout/length", "rollout/truncated", "rollout/parsable", "time/rollout",
-                "time/teacher", "time/update"):
-        assert key in step_rows[-1]
-    assert 0 < step_rows[-1]["memory/rss_gib"] <= step_rows[-1]["memory/peak_rss_gib"] < 64  # GiB, right unit
-    assert "val/accuracy" in step_rows[-1] and rows[0]["step"] == 0 and "val/accuracy" in rows[0]
+    rows = metrics_rows(out)
+    steps = step_rows(out)
+    assert len(steps) == 2
+    for key in (
+        "loss",
+        "tokens",
+        "rollout/length",
+        "rollout/truncated",
+        "rollout/parsable",
+        "time/rollout",
+        "time/teacher",
+        "time/update",
+    ):
+        assert key in steps[-1]
+    assert 0 < steps[-1]["memory/rss_gib"] <= steps[-1]["memory/peak_rss_gib"] < 64  # GiB, right unit
+    assert "val/accuracy" in steps[-1] and rows[0]["step"] == 0 and "val/accuracy" in rows[0]

@@ -3,27 +3,22 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
+from helpers import VSP_EXAMPLES
 
 from visual_opsd.tasks.maze import path_cells, read_path_cells
-from visual_opsd.vsp import (
+from visual_opsd.tasks.vsp_rules import (
     VSP_MAX_STEPS,
     Verdict,
     extract_action_plan,
     extract_boxed_moves,
-    load_vsp_folder,
     parse_table,
     read_table,
-    score_command,
     score_strict,
     score_vsp,
-    score_vsp_answers,
-    scored_path,
 )
-
-EXAMPLES = Path(__file__).parent / "data" / "vsp-examples"
+from visual_opsd.vsp import load_vsp_folder, score_command, score_vsp_answers, scored_path
 
 # Start (0, 0), hole (1, 1), goal (2, 2): the two shortest paths are R,R,D,D and D,D,R,R.
 G1 = ["@__", "_#_", "__*"]
@@ -36,7 +31,7 @@ G2 = ["@*_", "___", "___"]
 
 
 def test_examples_load_with_expected_ids_and_metadata():
-    samples = load_vsp_folder(EXAMPLES)
+    samples = load_vsp_folder(VSP_EXAMPLES)
     assert [s.id for s in samples] == [f"vsp-L{L}-{L + 10}" for L in range(3, 9)]
     for s in samples:
         level = s.metadata["level"]
@@ -61,7 +56,7 @@ def _pure_text_cells(text):
 
 
 def test_tables_agree_with_pure_text_descriptions():
-    for table in sorted(EXAMPLES.glob("level*/table/*.txt")):
+    for table in sorted(VSP_EXAMPLES.glob("level*/table/*.txt")):
         grid = read_table(table)
         player, goal, holes = _pure_text_cells((table.parent.parent / "pure_text" / table.name).read_text())
         at = {sym: {(r, c) for r, row in enumerate(grid) for c, ch in enumerate(row) if ch == sym} for sym in "@*#"}
@@ -69,7 +64,7 @@ def test_tables_agree_with_pure_text_descriptions():
 
 
 def test_example_bfs_paths_are_correct_under_both_rules():
-    for s in load_vsp_folder(EXAMPLES):
+    for s in load_vsp_folder(VSP_EXAMPLES):
         grid, moves = s.metadata["grid"], s.answer.split(",")
         assert score_strict(grid, s.answer_text()).correct
         assert score_strict(grid, s.interleaved_trace()).correct
@@ -79,7 +74,7 @@ def test_example_bfs_paths_are_correct_under_both_rules():
 
 
 def test_known_example_grid():
-    assert read_table(EXAMPLES / "level4" / "table" / "14.txt") == ["____", "____", "___#", "__@*"]
+    assert read_table(VSP_EXAMPLES / "level4" / "table" / "14.txt") == ["____", "____", "___#", "__@*"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +228,7 @@ def test_parse_table_errors_name_source_and_line(text, message):
 
 def _copy_examples(tmp_path):
     root = tmp_path / "maps"
-    shutil.copytree(EXAMPLES, root)
+    shutil.copytree(VSP_EXAMPLES, root)
     return root
 
 
@@ -270,7 +265,7 @@ def test_loader_errors_name_the_file(tmp_path):
 
 
 def _bfs_answer(level):
-    [sample] = [s for s in load_vsp_folder(EXAMPLES) if s.metadata["level"] == level]
+    [sample] = [s for s in load_vsp_folder(VSP_EXAMPLES) if s.metadata["level"] == level]
     return sample.answer
 
 
@@ -295,7 +290,7 @@ def test_score_command_end_to_end(tmp_path, capsys):
             json.dumps({"level": "7", "index": 17, "prediction": "\\boxed{R}"}),
         ],
     )
-    assert score_command(EXAMPLES, answers, "strict") == 0
+    assert score_command(VSP_EXAMPLES, answers, "strict") == 0
     out, err = capsys.readouterr()
     assert "1/8 correct = 12.5%" in out and "95% Wilson CI" in out
     assert "level 3: 1/2" in out and "level 5: 0/1" in out and "level 6: 0/1" in out
@@ -320,7 +315,7 @@ def test_score_command_end_to_end(tmp_path, capsys):
     assert (rows[3]["level"], rows[3]["index"]) == (5, 15)  # known although "prediction" is missing
 
     # The vsp rule decides the headline when asked for.
-    summary, items = score_vsp_answers(EXAMPLES, answers, rule="vsp")
+    summary, items = score_vsp_answers(VSP_EXAMPLES, answers, rule="vsp")
     assert (summary["correct"], summary["n"], summary["malformed"]) == (1, 8, 5)
     assert items[5]["correct"] and summary["per_level"]["6"]["accuracy"] == 1.0
     assert summary["unanswered"] == 3  # levels 5, 7 and 8 have no scorable answer
@@ -333,7 +328,7 @@ def test_score_command_all_correct(tmp_path, capsys):
         json.dumps({"level": L, "index": L + 10, "prediction": f"\\boxed{{{_bfs_answer(L)}}}"}) for L in range(3, 9)
     ]
     answers = _write_answers(tmp_path / "run1.jsonl", lines)
-    assert score_command(EXAMPLES, answers) == 0
+    assert score_command(VSP_EXAMPLES, answers) == 0
     out, err = capsys.readouterr()
     assert "6/6 correct = 100.0%" in out and err == ""
     assert (tmp_path / "run1.scored.jsonl").is_file()
@@ -343,10 +338,10 @@ def test_score_command_unusable_inputs(tmp_path, capsys):
     good = _write_answers(tmp_path / "a.jsonl", [json.dumps({"level": 3, "index": 13, "prediction": "x"})])
     empty = _write_answers(tmp_path / "empty.jsonl", ["", "  "])
     cases = [
-        (EXAMPLES, tmp_path / "missing.jsonl", "strict", "answers file not found"),
+        (VSP_EXAMPLES, tmp_path / "missing.jsonl", "strict", "answers file not found"),
         (tmp_path / "no-maps", good, "strict", "maps folder not found"),
-        (EXAMPLES, good, "lenient", "unknown rule"),
-        (EXAMPLES, empty, "strict", "no answers"),
+        (VSP_EXAMPLES, good, "lenient", "unknown rule"),
+        (VSP_EXAMPLES, empty, "strict", "no answers"),
     ]
     for maps, answers, rule, message in cases:
         assert score_command(maps, answers, rule) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import VSP_EXAMPLES
 from PIL import Image
 
 from visual_opsd.backends import maze_cell_px
@@ -27,10 +28,10 @@ from visual_opsd.tasks.maze import (
     shortest_path,
     vt_fidelity,
 )
+from visual_opsd.tasks.vsp_rules import read_table
 from visual_opsd.tokenizer import build_tokenizer, sample_texts
-from visual_opsd.vsp import load_vsp_folder, read_table
+from visual_opsd.vsp import load_vsp_folder
 
-EXAMPLES = Path(__file__).parent / "data" / "vsp-examples"
 LEVELS = range(3, 9)
 ASSETS = Path(__file__).parent.parent / "src" / "visual_opsd" / "tasks" / "assets" / "frozenlake"
 
@@ -38,8 +39,8 @@ ASSETS = Path(__file__).parent.parent / "src" / "visual_opsd" / "tasks" / "asset
 def _example(level: int) -> tuple[list[str], Image.Image]:
     """The table and the RGB image of the example map of `level` (index level + 10)."""
     index = level + 10
-    grid = read_table(EXAMPLES / f"level{level}" / "table" / f"{index}.txt")
-    with Image.open(EXAMPLES / f"level{level}" / "img" / f"{index}.png") as im:
+    grid = read_table(VSP_EXAMPLES / f"level{level}" / "table" / f"{index}.txt")
+    with Image.open(VSP_EXAMPLES / f"level{level}" / "img" / f"{index}.png") as im:
         return grid, im.convert("RGB")
 
 
@@ -92,7 +93,7 @@ def test_sprites_ship_as_package_data():
 
 @pytest.fixture(scope="module")
 def mini() -> MiniBackend:
-    samples = load_vsp_folder(EXAMPLES)
+    samples = load_vsp_folder(VSP_EXAMPLES)
     tok = build_tokenizer(sample_texts(samples))
     return MiniBackend.new(tok, seed=0, d_model=32, n_layers=1, n_heads=2, mlp_ratio=2.0, patch_size=4, max_grid=8)
 
@@ -100,7 +101,7 @@ def mini() -> MiniBackend:
 def test_vsp_maps_reach_the_mini_model_as_one_patch_per_cell(mini):
     cell = maze_cell_px(mini)
     assert cell == 4
-    samples = _load_vsp(str(EXAMPLES), cell)  # the evaluation's VSP loader, at the backend's cell size
+    samples = _load_vsp(str(VSP_EXAMPLES), cell)  # the evaluation's VSP loader, at the backend's cell size
     assert sorted(s.metadata["level"] for s in samples) == list(LEVELS)
     for s in samples:
         level, grid = s.metadata["level"], s.metadata["grid"]
@@ -134,7 +135,7 @@ def test_fit_image_with_cells_gives_one_patch_per_cell(level):
 
 @pytest.mark.parametrize("cell_px", [4, 8, 64])
 def test_loader_resizes_each_cell(cell_px):
-    for s in load_vsp_folder(EXAMPLES, cell_px=cell_px):
+    for s in load_vsp_folder(VSP_EXAMPLES, cell_px=cell_px):
         level, grid = s.metadata["level"], s.metadata["grid"]
         assert s.problem_images[0].size == (cell_px * level, cell_px * level)
         assert _diff(s.problem_images[0], render_maze(grid, cell_px=cell_px)).max() == 0
@@ -162,7 +163,7 @@ def test_vt_render_reads_back_its_path(level, cell_px):
 
 
 def test_loaded_vts_read_back_at_the_model_cell_size():
-    for s in load_vsp_folder(EXAMPLES, cell_px=4):
+    for s in load_vsp_folder(VSP_EXAMPLES, cell_px=4):
         grid, moves = s.metadata["grid"], s.answer.split(",")
         vt = fit_image(s.vt_images[0], 4, 8)
         assert read_path_cells(vt, len(grid), grid) == set(path_cells(grid, moves))

@@ -22,17 +22,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from visual_opsd.errors import RunError
+from visual_opsd.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 PREVIOUS_SUFFIX = ".prev"
-
-
-class CheckpointError(RunError):
-    """No usable checkpoint: the message names the folder and the file that failed the check."""
 
 
 @contextlib.contextmanager

@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    from visual_opsd.config import ConfigError
-    from visual_opsd.data import DataError
-    from visual_opsd.errors import RunError
+    from visual_opsd.errors import ConfigError, DataError, RunError
 
     try:
         return int(args.handler(args) or 0)
@@ -115,7 +113,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             "Finished stages are cached: running it again resumes where it stopped."
         ),
     )
-    demo.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of the whole pipeline")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke run of the whole pipeline (under a minute on 2 cores)")
     demo.add_argument(
         "--preset",
         choices=["default", "quick", "full"],

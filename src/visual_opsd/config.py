@@ -17,11 +17,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from visual_opsd.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied; the message names the key."""
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -79,6 +77,15 @@ def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows += config_help(tp, prefix + f.name + ".")
             continue
+        sections = _kinds(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else {}
+        if sections:  # a discriminated section: its kinds, then each kind's keys
+            rows.append((prefix + f.name + ".kind", repr(f.default), f"one of {sorted(sections)}; "
+                         + f.metadata.get("help", "")))
+            for kind, member in sections.items():
+                rows += [(key, default, f"(kind {kind}) {text}")
+                         for key, default, text in config_help(member, prefix + f.name + ".")
+                         if key != prefix + f.name + ".kind"]
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -99,9 +106,15 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# keys of older configs that now live elsewhere: old key -> what to write instead
+MOVED_KEYS = {"hf": "backend (with kind: hf; the Hugging Face options are the same keys)"}
+
+
 def _unknown_key_message(prefix: str, key: str, fields: dict[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
     hint = f"; did you mean {prefix}{close[0]!s}?" if close else ""
+    if key in MOVED_KEYS and "backend" in fields:
+        hint = f"; it is now {prefix}{MOVED_KEYS[key]}"
     return f"unknown config key {prefix + key!r}{hint} (valid keys here: {', '.join(sorted(fields))})"
 
 
@@ -114,6 +127,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = _kinds(args)
+        if sections and isinstance(value, dict):
+            return from_dict(_pick_kind(sections, value, key), value, key + ".")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -170,3 +186,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _kinds(args: tuple) -> dict[str, type]:
+    """kind -> dataclass, when `args` (a union's members) are dataclasses told apart by a
+    `kind: Literal[...]` field (a discriminated section, e.g. `backend:`); else empty."""
+    out: dict[str, type] = {}
+    for arg in args:
+        if arg is type(None):
+            continue
+        hint = typing.get_type_hints(arg).get("kind") if dataclasses.is_dataclass(arg) else None
+        if hint is None or typing.get_origin(hint) is not Literal:
+            return {}
+        out.update({kind: arg for kind in typing.get_args(hint)})
+    return out
+
+
+def _pick_kind(sections: dict[str, type], value: dict[str, Any], key: str) -> type:
+    """The member of a discriminated section that `value` is: by its `kind`, or, when it has none, the
+    only member that has all its keys (so `backend.lora=true` needs no `backend.kind=hf`)."""
+    kind = value.get("kind")
+    if kind is not None:
+        if kind not in sections:
+            raise ConfigError(f"{key}.kind: {kind!r} is not one of {sorted(sections)}")
+        return sections[kind]
+    fits = {c for c in sections.values() if set(value) <= {f.name for f in dataclasses.fields(c)}}
+    if len(fits) == 1:
+        return fits.pop()
+    raise ConfigError(f"{key}: say which kind it is ({key}.kind: one of {sorted(sections)})")

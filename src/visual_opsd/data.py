@@ -23,7 +23,6 @@ one or the complete new one, never half written.
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from visual_opsd.errors import DataError
+from visual_opsd.images import decode_image
 from visual_opsd.sample import Sample
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,8 @@ _THOUGHT = re.compile(r"^(?:resoning|reasoning)_thought_(\d+)$")  # ThinkMorph s
 _PARQUET_SCALARS = ("pid", "question", "answer", "task", "full_text_only_thought")
 _PARQUET_BATCH_ROWS = 32  # rows decoded at a time: bounds memory on files with large images
 # Memory bounds on hostile input: an image header is checked before its pixels are decoded (a
-# 100,000 x 100,000 PNG is a few hundred bytes on disk and 30 GB decoded); a JSONL line is read
-# at most this long. Both fail the row with a located error, never the process.
-MAX_IMAGE_PIXELS = 6144 * 6144
+# 100,000 x 100,000 PNG is a few hundred bytes on disk and 30 GB decoded: `images.MAX_IMAGE_PIXELS`);
+# a JSONL line is read at most this long. Both fail the row with a located error, never the process.
 MAX_LINE_BYTES = 64 * 1024 * 1024
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters other than \t \n \r
 
@@ -89,17 +89,6 @@ class RowError:
 
     def __str__(self) -> str:
         return f"row {self.row_id}: {self.field}: {self.reason}"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field."""
-
-    def __init__(
-        self, reason: str, *, file: str | os.PathLike | None = None, row: str | None = None, field: str | None = None
-    ) -> None:
-        self.reason, self.file, self.row, self.field = reason, None if file is None else str(file), row, field
-        where = [p for p in (self.file, None if row is None else f"row {row}", field) if p]
-        super().__init__(": ".join([*where, reason]))
 
 
 class LoadedSamples(list[Sample]):
@@ -418,23 +407,6 @@ def _image_path_problem(rel: str, allow_outside: bool) -> str | None:
     return None
 
 
-def _decode_image(source: Path | bytes) -> Image.Image:
-    """Fully decode an image (`load()` catches truncated files that `open` alone accepts); RGB.
-
-    The size in the header is checked first: zero-size and over-`MAX_IMAGE_PIXELS` images fail
-    before any pixel memory is allocated."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise ValueError(f"zero-size image ({width}x{height})")
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(
-                f"image of {width}x{height} = {width * height:,} pixels is over the limit of {MAX_IMAGE_PIXELS:,}"
-            )
-        img.load()
-        return img.convert("RGB")
-
-
 # ---------------------------------------------------------------------------------------------
 # Native JSONL
 
@@ -502,7 +474,7 @@ def _parse_native(raw: bytes, where: str, base: Path, file: str, max_vts: int, a
                 problem = f"path {rel!r} leaves the dataset folder through a symbolic link"
             if problem is None:
                 try:
-                    images[key].append(_decode_image(base / rel))
+                    images[key].append(decode_image(base / rel))
                 except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
                     problem = f"cannot decode image {rel}: {e}"
             if problem:
@@ -718,14 +690,14 @@ def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.
     else:
         raise ValueError(f"unexpected image cell of type {type(value).__name__}")
     if data:
-        return _decode_image(bytes(data))
+        return decode_image(bytes(data))
     if path:
         problem = _image_path_problem(path, allow_outside)
         if problem:
             raise ValueError(problem)
         if not allow_outside and not (base / path).resolve().is_relative_to(base.resolve()):
             raise ValueError(f"path {path!r} leaves the dataset folder through a symbolic link")
-        return _decode_image(base / path)
+        return decode_image(base / path)
     raise ValueError("image cell holds neither bytes nor a path")
 
 

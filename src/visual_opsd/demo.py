@@ -6,12 +6,13 @@
          -> diagnostics (VT interventions, attention, KL pre/post and closure)
          -> evaluation of every system on held-out test mazes -> report (main table, premise, targets)
 
-Stages joined by `|` run side by side, one process of one thread each (docs/miniature.md).
+After the pretraining, the stages run on both cores as processes of one thread each, every stage
+as soon as the ones it needs are done (`_run_graph`; docs/miniature.md).
 
 Each stage writes its folder under --out and a `DONE.json` marker last; a second run (or a run
 after a crash) skips finished stages, and a training stage that died resumes from its `last/`.
 The settings of each stage are the shipped configs (configs/*_demo.yaml) and the dataclass
-defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (about a minute) and
+defaults; `--quick` shrinks everything to a smoke test of the whole pipeline (under a minute) and
 `--preset full` grows it (larger model, sizes 3..8, longer training; hours on 2 cores).
 """
 
@@ -23,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from visual_opsd.config import load_config, to_dict
+
+# A stage's work: a module-level function and its arguments (picklable, for spawned processes).
+Job = tuple[Callable[..., None], tuple]
 
 # The full demo runs the shipped configs as they are; `--quick` overrides them down to a smoke test.
 DEMO_CONFIGS = {
@@ -93,6 +97,9 @@ SYSTEMS = [
     # of the distillation signal
     ("teacher_privileged", "sft_teacher", "teacher_context"),
 ]
+# evaluated while the Visual-OPSD runs go on, and after them
+BASE_SYSTEMS = tuple(name for name, stage, _ in SYSTEMS if stage in ("sft_teacher", "sft_text"))
+TRAINED_SYSTEMS = tuple(name for name, stage, _ in SYSTEMS if stage.startswith("opsd"))
 # report.json's premise: the base model (the SFT teacher) before distillation, by mode
 PRIVILEGED = "teacher_privileged"
 PREMISE = {"interleaved": "teacher_interleaved", "text_only": "teacher_text_only", "teacher_context": PRIVILEGED}
@@ -151,43 +158,50 @@ def run_demo(
         cfg.progress = progress
     timing: dict[str, float] = _load_json(out / "timing.json")
 
-    def train_stage(name: str) -> Callable[[], None]:
-        return lambda: _train_job(name, configs[name])
+    def train_stage(name: str) -> Job:
+        return (_train_job, (name, configs[name]))
 
-    # A group of two stages that do not depend on each other runs as two processes of one thread
-    # each: the miniature's matrices are too small to keep two threads of one process busy.
-    stages: list[list[tuple[str, Callable[[], None]]]] = [
-        [("data", lambda: _make_test_data(out, PRESETS[preset]["test"], configs["pretrain"].model.patch_size))],
-        [("pretrain", train_stage("pretrain"))],
-        [("sft_teacher", train_stage("sft_teacher")), ("sft_text", train_stage("sft_text"))],
-        [("opsd", train_stage("opsd")), ("opsd_noise", train_stage("opsd_noise"))],
-        [("diagnose", lambda: _diagnose(out, configs["diagnose"]))],
-        [("eval", lambda: _evaluate_systems(out, PRESETS[preset]["eval"], progress))],
-    ]
-    t_start = time.perf_counter()
-    for i, group in enumerate(stages, 1):
-        todo = []
-        for name, run in group:
-            if (out / name / "DONE.json").is_file():
-                print(f"[{i}/{len(stages)}] {name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
-            else:
-                todo.append((name, run))
-        if not todo:
-            continue
-        names = " + ".join(name for name, _ in todo)
-        print(f"[{i}/{len(stages)}] {names} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
-        if len(todo) == 1:
-            t0 = time.perf_counter()
-            todo[0][1]()
-            seconds = {todo[0][0]: time.perf_counter() - t0}
-        else:
-            seconds = _run_in_parallel([(name, configs[name]) for name, _ in todo])
-        for name, sec in seconds.items():
-            timing[name] = sec
-            (out / name).mkdir(parents=True, exist_ok=True)
-            (out / name / "DONE.json").write_text(json.dumps({"seconds": sec}))
-            print(f"[{i}/{len(stages)}] {name}: {sec:.0f} s")
+    def done(name: str) -> bool:
+        return (out / name / "DONE.json").is_file()
+
+    def record(name: str, seconds: float) -> None:
+        timing[name] = seconds
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "DONE.json").write_text(json.dumps({"seconds": seconds}))
         (out / "timing.json").write_text(json.dumps(timing, indent=2))
+        print(f"  {name}: {seconds:.0f} s (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    t_start = time.perf_counter()
+    # The test data, then the pretraining alone (two threads: nothing else can run yet).
+    for name, (fn, args) in [
+        ("data", (_make_test_data, (out, PRESETS[preset]["test"], configs["pretrain"].model.patch_size))),
+        ("pretrain", train_stage("pretrain")),
+    ]:
+        if done(name):
+            print(f"{name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
+            continue
+        print(f"{name} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
+        t0 = time.perf_counter()
+        fn(*args)
+        record(name, time.perf_counter() - t0)
+    # Then the rest on both cores: each stage as a process of one thread (the miniature's matrices are
+    # too small to keep two threads of one process busy), started as soon as the stages it needs are
+    # done and a core is free, in this order. The base systems are evaluated while the Visual-OPSD
+    # runs finish (progress bars off: two bars would garble each other).
+    evaluation = PRESETS[preset]["eval"]
+    graph: list[tuple[str, Job, tuple[str, ...]]] = [
+        ("sft_teacher", train_stage("sft_teacher"), ()),
+        ("sft_text", train_stage("sft_text"), ()),
+        ("opsd", train_stage("opsd"), ("sft_teacher",)),
+        ("opsd_noise", train_stage("opsd_noise"), ("sft_teacher",)),
+        ("eval_base", (_evaluate_systems, (out, evaluation, BASE_SYSTEMS)), ("sft_teacher", "sft_text")),
+        ("diagnose", (_diagnose, (out, configs["diagnose"])), ("opsd", "opsd_noise")),
+        ("eval", (_evaluate_systems, (out, evaluation, TRAINED_SYSTEMS)), ("opsd", "opsd_noise", "eval_base")),
+    ]
+    for name, _, _ in graph:
+        if done(name):
+            print(f"{name}: done earlier ({timing.get(name, 0):.0f} s), skipped")
+    _run_graph([(n, job, deps) for n, job, deps in graph if not done(n)], done, record, t_start)
     report_path = _write_report(out, configs, timing)
     print()
     print((out / "report.md").read_text().split("## VT interventions")[0].split("## KL")[0].split("## Stage")[0])
@@ -195,44 +209,66 @@ def run_demo(
     return report_path
 
 
-def _train_job(name: str, cfg) -> float:
-    """Run (or finish) one training stage; returns its wall time. Visual-OPSD stages that died resume
-    from their `last/`."""
+def _train_job(name: str, cfg) -> None:
+    """Run (or finish) one training stage. Visual-OPSD stages that died resume from their `last/`."""
     from visual_opsd.sft import run_sft
     from visual_opsd.train import run_train
 
-    t0 = time.perf_counter()
     last = Path(cfg.out_dir) / "last" / "trainer_state.json"
     if name.startswith("opsd") and last.is_file():
         cfg.resume = str(last.parent)  # a previous attempt died mid-training: continue it
     (run_train if name.startswith("opsd") else run_sft)(cfg)
-    return time.perf_counter() - t0
 
 
-def _job_entry(name: str, cfg, results) -> None:
-    results[name] = _train_job(name, cfg)
+def _job_entry(name: str, job: Job, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    fn, args = job
+    fn(*args)
+    results[name] = time.perf_counter() - t0
 
 
-def _run_in_parallel(jobs: list[tuple[str, object]]) -> dict[str, float]:
-    """Training stages as concurrent processes of one thread each (spawned: no forked torch state);
-    their progress bars are off, each prints its own summary line. Fails when any of them fails."""
+def _run_graph(stages: list[tuple[str, Job, tuple[str, ...]]], done: Callable[[str], bool],
+               record: Callable[[str, float], None], t_start: float, slots: int = 2) -> None:
+    """Run `stages` as spawned processes (no forked torch state), at most `slots` at a time, each one
+    once the stages it needs are `done`, in list order; `record` each as it ends. Fails (after the
+    running ones end) when any of them fails: a rerun resumes from the stages that finished."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        procs = []
-        for name, cfg in jobs:
-            cfg.threads, cfg.progress = 1, False
-            procs.append((name, ctx.Process(target=_job_entry, args=(name, cfg, results), name=name)))
-        for _, p in procs:
-            p.start()
-        for _, p in procs:
-            p.join()
-        failed = [f"{name} (exit code {p.exitcode})" for name, p in procs if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"demo stage(s) failed: {', '.join(failed)}; rerun the demo to resume")
-        return dict(results)
+        waiting, running, failed = list(stages), {}, []
+        while waiting or running:
+            for stage in [st for st in waiting if not failed and all(done(d) for d in st[2])]:
+                if len(running) >= slots:
+                    break
+                name, (fn, args), _ = stage
+                for arg in args:  # training and diagnostics configs: one thread, no progress bar
+                    if hasattr(arg, "threads"):
+                        arg.threads, arg.progress = 1, False
+                proc = ctx.Process(target=_job_entry, args=(name, (fn, args), results), name=name)
+                proc.start()
+                print(f"  {name} ... (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
+                running[name] = proc
+                waiting.remove(stage)
+            if not running:
+                break  # nothing can start: a stage it needs failed
+            wait([p.sentinel for p in running.values()])
+            for name, proc in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                del running[name]
+                if proc.exitcode == 0:
+                    record(name, results[name])
+                else:
+                    failed.append(f"{name} (exit code {proc.exitcode})")
+        if failed or waiting:
+            raise RuntimeError(f"demo stage(s) failed: {', '.join(failed) or 'none'}; not run: "
+                               f"{', '.join(n for n, _, _ in waiting) or 'none'}; rerun the demo to resume")
 
 
 def _make_test_data(out: Path, test: dict, patch_size: int) -> None:
@@ -245,19 +281,30 @@ def _make_test_data(out: Path, test: dict, patch_size: int) -> None:
     write_dataset(samples, out / "data" / "test", overwrite=True)
 
 
-def _evaluate_systems(out: Path, options: dict, progress: bool) -> None:
-    """Every system of SYSTEMS on the held-out test mazes, with the shared `evaluate_systems` (the code
-    behind `visual-opsd eval`): eval/results.json, results.md, pareto.png, records/<system>_maze.jsonl."""
+def _evaluate_systems(out: Path, options: dict, names: tuple[str, ...]) -> None:
+    """The systems `names` (of SYSTEMS) on the held-out test mazes, with the shared `evaluate_systems`
+    (the code behind `visual-opsd eval`). The base systems go to eval_base/ (results.json,
+    records/); the trained ones to eval/, which then holds results.json, results.md and pareto.png
+    of every system."""
+    import torch
+
     from visual_opsd.data import load_dataset
     from visual_opsd.evaluate import Benchmark, System, evaluate_systems, write_results
     from visual_opsd.tasks import get_task
 
+    torch.set_num_threads(1)  # the latencies are one thread's, whether run beside another stage or alone
     # the test mazes were rendered once, at the teacher's patch size, for every system
     test = [Benchmark("maze", get_task("maze"), list(load_dataset(out / "data" / "test")))]
-    systems = [System(name, str(_selected_model(out, stage)), mode) for name, stage, mode in SYSTEMS]
-    results = evaluate_systems(systems, lambda backend: test, out / "eval", warmup=options["warmup"],
-                               max_new_tokens=options["max_new_tokens"], progress=progress)
-    write_results(results, out / "eval")
+    systems = [System(name, str(_selected_model(out, stage)), mode) for name, stage, mode in SYSTEMS if name in names]
+    folder = out / ("eval" if names == TRAINED_SYSTEMS else "eval_base")
+    results = evaluate_systems(systems, lambda backend: test, folder, warmup=options["warmup"],
+                               max_new_tokens=options["max_new_tokens"], progress=False)
+    if names == TRAINED_SYSTEMS:
+        results = {**_load_json(out / "eval_base" / "results.json"), **results}
+        write_results({name: results[name] for name, _, _ in SYSTEMS if name in results}, folder)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(results, indent=2))
 
 
 def _diagnose(out: Path, cfg) -> None:
@@ -297,7 +344,7 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
               "timing_s": timing, "configs": {k: to_dict(v) for k, v in configs.items()}}
     runs = {name: out / name / "metrics.jsonl" for name in configs if name not in ("diagnose", "pretrain")}
     notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
-             "Latency: batch size 1 after warm-up, whole pipeline per sample, this machine's CPU threads.",
+             "Latency: batch size 1 after warm-up, whole pipeline per sample, one CPU thread.",
              "Visual-OPSD checkpoints are selected on the validation split, never on test."]
     return write_report(report, out, runs, notes)
 

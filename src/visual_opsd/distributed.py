@@ -89,7 +89,7 @@ class Dist:
         (DeepSpeed; asked for by `deepspeed_stage` or an accelerate DeepSpeed config, whose ZeRO stage
         it takes). Refuses contradictions, and FSDP for backends that cannot be sharded, rather than
         silently replicating. With one process nothing is sharded: "torch"."""
-        from visual_opsd.config import ConfigError
+        from visual_opsd.errors import ConfigError
 
         stage = deepspeed_stage
         if self.engine == "DEEPSPEED":

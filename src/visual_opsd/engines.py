@@ -13,11 +13,13 @@
   optimizer step. So every backend runs under ZeRO; between steps ZeRO-3 holds 1/N of the
   weights, during a step all of them (as FSDP2 here).
 
-The loop's contract with an engine, per step: `set_lr`, `layout.gather()` before rollouts,
-`backward(loss, last)` per micro-batch, `whole_grads()` (test hook), `step(loss_finite)` ->
-(gradient norm, applied); for checkpoints `train_state(teacher)` (whole tensors in torch's
-layout, a collective) and `load_optimizer(state)`. Checkpoints are the same files whatever the
-engine, so a run resumes on any engine and any number of processes.
+The loop's contract with an engine is the `Engine` protocol, per step: `begin_step(step, lr)`,
+`layout.gather()` before rollouts, `zero_grad()`, `backward(loss, last)` per micro-batch,
+`step(loss_finite)` -> (gradient norm, applied); for checkpoints `train_state(teacher)` (whole
+tensors in torch's layout, a collective) and `load_optimizer(state)`. `make_engine` picks the
+engine for a run (and wraps it in the fault injector of `faults.py` only when a test asks for
+faults). Checkpoints are the same files whatever the engine, so a run resumes on any engine and
+any number of processes.
 
 A *layout* says where a parameter's values live on this rank (`local`), how to make them whole
 (`full`) and back (`to_local`), and how to gather and release the weights; the EMA teacher keeps
@@ -31,13 +33,14 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
 from visual_opsd.distributed import Dist, full_state_dict, full_tensor, like_param, reshard, unshard
+from visual_opsd.optim import adamw, set_lr
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
@@ -129,6 +132,50 @@ class Zero3Layout(Replicated):
             stack.close()
 
 
+class Engine(Protocol):
+    """What the training loop asks of the engine that holds and steps the student's weights."""
+
+    layout: Replicated
+    params: list[nn.Parameter]
+
+    def begin_step(self, step: int, lr: float) -> None:
+        """Start optimizer step `step` (counted from 1) at learning rate `lr`."""
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss; `last`: the step's last one (gradients reduced over ranks)."""
+
+    def whole_grads(self) -> list[tuple[str, torch.Tensor]]: ...
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Clip and step unless the loss or the gradient is not finite: (gradient norm, applied)."""
+
+    def train_state(self, teacher: Any, is_main: bool) -> dict[str, Any] | None: ...
+
+    def whole_weights(self) -> contextlib.AbstractContextManager[dict[str, torch.Tensor] | None]: ...
+
+    def load_optimizer(self, state: dict[str, Any]) -> None: ...
+
+
+def make_engine(dist: Dist, backend: Any, cfg: Any, micro_batch: int) -> Engine:
+    """The engine of a training run (`cfg`: a TrainConfig): DeepSpeed ZeRO, FSDP2 or plain torch, as
+    the launcher's accelerate config and `cfg.shard_weights` / `cfg.deepspeed_stage` ask
+    (`Dist.check_engine`). `micro_batch`: completions per micro-batch on one rank. Under
+    `VISUAL_OPSD_FAULT` / `VISUAL_OPSD_DUMP_GRADS` (tests) it comes wrapped in the fault injector."""
+    from visual_opsd import faults
+
+    kind = dist.check_engine(backend, cfg.shard_weights, cfg.deepspeed_stage)
+    if kind.startswith("zero"):
+        engine: Engine = ZeroEngine(dist, backend.model, cfg.optim, int(kind.removeprefix("zero")), micro_batch,
+                                    dist.precision)
+    else:
+        engine = TorchEngine(dist, backend.model, cfg.optim, sharded=kind == "fsdp")
+    if dist.is_main and dist.world > 1:
+        print(f"train: {dist.world} processes, engine {kind}", flush=True)
+    return faults.FaultInjector(engine, dist) if faults.active() else engine
+
+
 class TorchEngine:
     """torch's AdamW over the trainable parameters; FSDP2 when `sharded` (the model is sharded here)."""
 
@@ -138,13 +185,11 @@ class TorchEngine:
         self.dist, self.model, self.sharded = dist, model, sharded
         self.layout: Replicated = Fsdp2Layout(model) if sharded else Replicated()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.betas,
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = adamw(self.params, optim)
         self.grad_clip = optim.grad_clip
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def begin_step(self, step: int, lr: float) -> None:
+        set_lr(self.optimizer, lr)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +338,7 @@ class ZeroEngine(TorchEngine):
         saved = {i: st for i, st in state.get("state", {}).items() if isinstance(i, int) and i < len(self.params)}
         if not saved:
             return
-        self.set_lr(0.0)
+        set_lr(self.optimizer, 0.0)
         self.layout.gather()
         for m in range(self.grad_accum):
             self.backward(sum((p * 0).sum() for p in self.params), last=m == self.grad_accum - 1)

@@ -47,9 +47,10 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from visual_opsd.backends import BackendOptions
 from visual_opsd.backends.base import Backend
-from visual_opsd.backends.hf_config import HFOptions
-from visual_opsd.config import ConfigError, to_dict
+from visual_opsd.config import to_dict
+from visual_opsd.errors import ConfigError
 from visual_opsd.sample import Sample
 from visual_opsd.sft import EvalMode, batches, predict
 from visual_opsd.stats import wilson_interval
@@ -254,7 +255,7 @@ class Benchmark:
 
 def vsp_scorer(rule: str) -> Callable[[Sample, str], dict]:
     """Record fields of a VSP map's prediction: both rules' verdicts, "correct" by `rule`, level, index."""
-    from visual_opsd.vsp import RULES
+    from visual_opsd.tasks.vsp_rules import RULES
 
     def score(sample: Sample, text: str) -> dict:
         grid = sample.metadata["grid"]
@@ -298,9 +299,9 @@ def evaluate_systems(
     backend's cell size), with `evaluate`'s options; writes `out/records/<system>_<benchmark>.jsonl`
     and returns results.json's content. A system's accuracy is the mean over its tasks (the paper's
     "mean" column); its tokens are the mean over all its samples, its latency over all its timed ones."""
-    from visual_opsd.backends import load_backend
+    from visual_opsd.backends import open_backend
 
-    load = load or load_backend
+    load = load or open_backend
     folders = {s.name: model_dir(s) for s in systems}  # every folder checked before the first (slow) run
     out = Path(out)
     results: dict[str, dict] = {}
@@ -457,7 +458,9 @@ class EvaluateConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     progress: bool = field(default=True, metadata={"help": "show progress bars; --no-progress"})
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    hf: HFOptions = field(default_factory=HFOptions, metadata={"help": "Hugging Face model options (dtype, device)"})
+    backend: BackendOptions | None = field(
+        default=None, metadata={"help": "how to open the systems' folders (kind mini, hf or bagel, and its options)"}
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -482,7 +485,7 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
     mazes and VSP maps are rendered at the backend's cell size, built once per size; every size gives
     the same maps, so all systems see the same problems."""
     from visual_opsd.backends import maze_cell_px
-    from visual_opsd.data import DataError
+    from visual_opsd.errors import DataError
     from visual_opsd.tasks import get_task
 
     d = cfg.data
@@ -522,7 +525,8 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
 
 
 def _load_path_benchmarks(d: EvalDataConfig, tasks: list[str]) -> list[Benchmark]:
-    from visual_opsd.data import DataError, load_dataset
+    from visual_opsd.data import load_dataset
+    from visual_opsd.errors import DataError
     from visual_opsd.tasks import get_task
 
     if not Path(d.path).exists():
@@ -543,7 +547,7 @@ def _load_vsp(path: str, cell_px: int, per_level: int | None = None) -> list[Sam
 
     VSP's images (64 px per cell) come resized cell by cell to `cell_px`, the backend's patch per
     cell, so every level reaches the model as L x L patches, as our own renders do."""
-    from visual_opsd.data import DataError
+    from visual_opsd.errors import DataError
     from visual_opsd.vsp import iter_vsp_items
 
     samples = []
@@ -568,7 +572,7 @@ def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
     pareto.png and records/ under `cfg.out_dir`, prints the table; returns the results."""
     if not cfg.systems:
         raise ConfigError("no systems: pass --system NAME=MODEL_DIR[:MODE] (or systems=[...])")
-    from visual_opsd.backends import load_backend
+    from visual_opsd.backends import open_backend
 
     torch.set_num_threads(cfg.threads)
     systems = [parse_system(s) for s in cfg.systems]
@@ -580,7 +584,7 @@ def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
     results = evaluate_systems(systems, benchmarks, out, vt_steps=cfg.vt_steps, max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.batch_size, latency_n=cfg.latency_n, warmup=cfg.warmup,
                                image_skips=cfg.image_skips, seed=cfg.seed, progress=cfg.progress,
-                               load=lambda path: load_backend(path, cfg.hf))
+                               load=lambda path: open_backend(path, cfg.backend))
     skips = ("one text round, no image skip" if cfg.image_skips == 0 else
              f"at most {cfg.image_skips} image skip(s) per answer")
     notes = [f"Data: {_data_note(cfg)}.",

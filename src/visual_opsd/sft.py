@@ -30,16 +30,16 @@ The final model goes to `<out_dir>/final/`; `metrics.jsonl` gets one line per st
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
-from visual_opsd.backends import load_backend, maze_cell_px
+from visual_opsd.backends import BackendOptions, maze_cell_px, open_backend
+from visual_opsd.backends.base import SupportsSFT
 from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.backends.mini import (
     CAPTION_PROMPT,
@@ -49,6 +49,8 @@ from visual_opsd.backends.mini import (
     MiniBackend,
 )
 from visual_opsd.checkpoint import atomic_dir
+from visual_opsd.errors import ConfigError
+from visual_opsd.optim import MetricsLog, adamw, lr_at, set_lr
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import Task, get_task
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
@@ -132,8 +134,8 @@ class ModelConfig:
         default=DEFAULT_INTERLEAVED_PROMPT,
         metadata={"help": "instruction after the question that asks for interleaved (drawn-VT) reasoning"},
     )
-    hf: HFOptions = field(  # Hugging Face backend: init_from an HF folder, or hf.tiny for a tiny random model
-        default_factory=HFOptions, metadata={"help": "Hugging Face model options (LoRA, dtype, ...)"}
+    backend: BackendOptions | None = field(  # init_from's family; or kind hf with `tiny` for a tiny random HF model
+        default=None, metadata={"help": "how to open init_from (kind mini, hf or bagel, and its options)"}
     )
 
     def __post_init__(self) -> None:
@@ -211,24 +213,6 @@ class SFTConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
-class LRSchedule(Protocol):
-    """What the learning-rate schedule reads (the SFT and the Visual-OPSD optim configs both have it)."""
-
-    steps: int
-    lr: float
-    warmup_steps: int
-    min_lr_ratio: float
-
-
-def lr_at(step: int, cfg: LRSchedule) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -> list[Sample]:
     """The train or val samples: from `path` / `val_path`, else generated (mazes with one patch per cell)."""
     path = cfg.path if split == "train" else cfg.val_path
@@ -246,11 +230,12 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
 
 def build_backend(cfg: SFTConfig) -> MiniBackend:
     if cfg.model.init_from is not None:
-        return load_backend(cfg.model.init_from, cfg.model.hf)  # a mini checkpoint or a Hugging Face folder
-    if cfg.model.hf.tiny is not None:
+        return open_backend(cfg.model.init_from, cfg.model.backend)  # a mini checkpoint or a Hugging Face folder
+    options = cfg.model.backend
+    if isinstance(options, HFOptions) and options.tiny is not None:
         from visual_opsd.backends.hf import HFBackend
 
-        return HFBackend.tiny(cfg.model.hf.tiny, cfg.model.hf, seed=cfg.seed)  # sizes: hf.tiny_hidden, tiny_layers
+        return HFBackend.tiny(options.tiny, options, seed=cfg.seed)  # sizes: backend.tiny_hidden, tiny_layers
     m = cfg.model
     texts = [m.framing_text, m.transition_text, m.interleaved_prompt, CAPTION_PROMPT]
     tokenizer = build_tokenizer_for_tasks(m.tokenizer_tasks, extra_texts=texts)
@@ -355,99 +340,79 @@ def run_sft(cfg: SFTConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.data.task)
     backend = build_backend(cfg)
+    if not isinstance(backend, SupportsSFT):
+        raise ConfigError(f"sft: the {type(backend).__name__} backend has no SFT examples (training_row / "
+                          "sft_losses); fine-tune it with its own tools and start `train` from the result")
     patch = maze_cell_px(backend)
-    train = load_samples(cfg.data, task, "train", patch)
-    val = load_samples(cfg.data, task, "val", patch)
+    train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
     if cfg.data.trace in ("interleaved", "vt_caption") and not any(s.vt_images for s in train):
         raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")
     default_mode = {"interleaved": "interleaved", "text_only": "text", "vt_caption": "vt_caption"}
     modes = cfg.eval.modes or [default_mode[cfg.data.trace]]
     (out / "config.json").write_text(json.dumps(_plain(cfg), indent=2))
-
     model = backend.model
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-    )
+    opt = adamw(model.parameters(), cfg.optim, decay_matrices_only=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     buckets = _buckets(train)
     weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
-    best = -1.0
-    t0 = time.perf_counter()
-    metrics = open(out / "metrics.jsonl", "w")
-    bar = tqdm(
-        range(cfg.optim.steps),
-        desc=f"sft {cfg.data.trace} ({n_params / 1e6:.2f}M params)",
-        disable=not cfg.progress,
-        dynamic_ncols=True,
-    )
-    for step in bar:
-        lr = lr_at(step, cfg.optim)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        idx = _draw_batch(buckets, weights, cfg.optim.batch_size, gen)
-        examples = [
-            backend.training_row(
-                train[i], _example_kind(cfg.data, train[i], gen), gen, cfg.optim.flow_copies, cfg.optim.flow_edit_weight
-            )
-            for i in idx
-        ]
-        losses = backend.sft_losses(examples)
-        ce = losses["ce_sum"] / losses["n_text"].clamp(min=1)
-        flow = losses["flow_sum"] / losses["flow_weight"].clamp(min=1)
-        loss = ce + cfg.optim.flow_weight * flow
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        opt.step()
-
-        record: dict[str, Any] = {
-            "step": step + 1,
-            "lr": lr,
-            "loss": loss.item(),
-            "loss/ce": ce.item(),
-            "loss/flow": flow.item(),
-            "grad_norm": grad_norm.item(),
-            "tokens/text": int(losses["n_text"]),
-            "tokens/vt_patches": int(losses["n_patch"]),
-            "time/elapsed_s": time.perf_counter() - t0,
-        }
-        last_step = step + 1 == cfg.optim.steps
-        if val and ((step + 1) % cfg.eval.every == 0 or last_step):
-            t_eval = time.perf_counter()
-            for mode in modes:
-                preds = predict(
-                    backend,
-                    val,
-                    mode,
-                    cfg.eval.max_new_tokens,
-                    cfg.eval.vt_steps,
-                    cfg.eval.batch_size,
-                    cfg.seed,
-                    image_skips=cfg.eval.image_skips,
-                )
-                record[f"val/accuracy/{mode}"] = accuracy(task, val, preds)
-            record["time/eval_s"] = time.perf_counter() - t_eval
-            score = record[f"val/accuracy/{modes[0]}"]
-            _checkpoint(backend, out / "last", record)
-            if score > best:
-                best = score
-                _checkpoint(backend, out / "best", record)
-            bar.write(f"step {step + 1}: " + ", ".join(f"{m} acc {record[f'val/accuracy/{m}']:.3f}" for m in modes))
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['loss/ce']:.3f}", flow=f"{record['loss/flow']:.3f}")
-    metrics.close()
+    best, t0 = -1.0, time.perf_counter()
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=None)
+    n_params = sum(p.numel() for p in model.parameters())
+    bar = tqdm(range(cfg.optim.steps), desc=f"sft {cfg.data.trace} ({n_params / 1e6:.2f}M params)",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            lr = lr_at(step, cfg.optim)
+            set_lr(opt, lr)
+            idx = _draw_batch(buckets, weights, cfg.optim.batch_size, gen)
+            stats = _sft_step(backend, opt, [train[i] for i in idx], cfg, gen)
+            record = {"step": step + 1, "lr": lr, **stats, "time/elapsed_s": time.perf_counter() - t0}
+            if val and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.optim.steps):
+                record.update(_sft_validate(backend, task, val, modes, cfg))
+                _checkpoint(backend, out / "last", record)
+                if record[f"val/accuracy/{modes[0]}"] > best:
+                    best = record[f"val/accuracy/{modes[0]}"]
+                    _checkpoint(backend, out / "best", record)
+                bar.write(f"step {step + 1}: " + ", ".join(f"{m} acc {record[f'val/accuracy/{m}']:.3f}" for m in modes))
+            metrics.write(record)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['loss/ce']:.3f}", flow=f"{stats['loss/flow']:.3f}")
+    finally:
+        metrics.close()
     final = out / "final"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, manifest=True) as tmp:
         backend.save(tmp)
     print(f"sft: {cfg.optim.steps} steps in {time.perf_counter() - t0:.1f} s; final model in {final}")
     return final
+
+
+def _sft_step(backend, opt: torch.optim.Optimizer, samples: list[Sample], cfg: SFTConfig,
+              gen: torch.Generator) -> dict[str, Any]:
+    """One optimizer step on one batch: an example per sample (its kind drawn by the data mixture),
+    loss = cross-entropy + flow_weight * flow MSE, clipped AdamW step; the step's metrics."""
+    backend.model.train()
+    examples = [backend.training_row(s, _example_kind(cfg.data, s, gen), gen, cfg.optim.flow_copies,
+                                     cfg.optim.flow_edit_weight) for s in samples]
+    losses = backend.sft_losses(examples)
+    ce = losses["ce_sum"] / losses["n_text"].clamp(min=1)
+    flow = losses["flow_sum"] / losses["flow_weight"].clamp(min=1)
+    loss = ce + cfg.optim.flow_weight * flow
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(backend.model.parameters(), cfg.optim.grad_clip or float("inf"))
+    opt.step()
+    return {"loss": loss.item(), "loss/ce": ce.item(), "loss/flow": flow.item(), "grad_norm": grad_norm.item(),
+            "tokens/text": int(losses["n_text"]), "tokens/vt_patches": int(losses["n_patch"])}
+
+
+def _sft_validate(backend, task: Task, val: list[Sample], modes: list[str], cfg: SFTConfig) -> dict[str, float]:
+    """Validation accuracy in each evaluation mode, and the time it took."""
+    t0, out = time.perf_counter(), {}
+    for mode in modes:
+        preds = predict(backend, val, mode, cfg.eval.max_new_tokens, cfg.eval.vt_steps, cfg.eval.batch_size,
+                        cfg.seed, image_skips=cfg.eval.image_skips)
+        out[f"val/accuracy/{mode}"] = accuracy(task, val, preds)
+    out["time/eval_s"] = time.perf_counter() - t0
+    return out
 
 
 def _buckets(samples: list[Sample]) -> list[list[int]]:
@@ -480,7 +445,7 @@ def _example_kind(cfg: DataConfig, sample: Sample, gen: torch.Generator) -> str:
 
 
 def _checkpoint(backend: MiniBackend, path: Path, record: dict[str, Any]) -> None:
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, manifest=True) as tmp:  # the checkpoint format of train.py
         backend.save(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(record, indent=2))
 

@@ -4,7 +4,7 @@
     visual-opsd train --config configs/train_demo.yaml teacher.vt_mode=noise out_dir=runs/opsd_noise
     visual-opsd train --config configs/train_demo.yaml --resume runs/opsd/last
 
-Per optimizer step (method.md section 2):
+Per optimizer step (docs/method.md section 2):
 1. take the next `prompts_per_step` training samples (a fixed permutation per epoch);
 2. rollout: sample `rollout.n` completions per prompt from the *current* student on the student
    context C_S (question + problem image), with image-skip injection;
@@ -37,42 +37,42 @@ fail before anything large is allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from visual_opsd.backends import load_backend, maze_cell_px
-from visual_opsd.backends.bagel import BagelLoadOptions
+from visual_opsd.backends import BackendOptions, maze_cell_px, open_backend
 from visual_opsd.backends.base import Backend, Context
-from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.budget import LimitsConfig, check_budget, memory_gib
-from visual_opsd.checkpoint import CheckpointError, atomic_dir, remove_stale_temporaries, resolve_checkpoint
-from visual_opsd.config import ConfigError, to_dict
+from visual_opsd.checkpoint import atomic_dir, remove_stale_temporaries, resolve_checkpoint
+from visual_opsd.config import to_dict
 from visual_opsd.distributed import Dist
-from visual_opsd.engines import TorchEngine, ZeroEngine
-from visual_opsd.errors import TrainingAborted
-from visual_opsd.faults import DUMP_ENV, armed, dump_gradients, maybe_kill
+from visual_opsd.engines import Engine, make_engine
+from visual_opsd.errors import CheckpointError, ConfigError, TrainingAborted
+from visual_opsd.faults import maybe_kill
 from visual_opsd.losses import (
     fused_linear_generalized_jsd,
     generalized_jsd,
     global_sequence_count,
     global_token_count,
 )
+from visual_opsd.optim import MetricsLog, lr_at
 from visual_opsd.rollout import Rollout, collect_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import TaskDataConfig, load_samples, lr_at, predict
-from visual_opsd.tasks import get_task
+from visual_opsd.sft import TaskDataConfig, load_samples, predict
+from visual_opsd.tasks import Task, get_task
 from visual_opsd.teacher import Teacher
+from visual_opsd.vt import teacher_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +190,10 @@ class TrainConfig:
     optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    hf: HFOptions = field(default_factory=HFOptions)  # Hugging Face models only (init_from an HF folder)
-    backend: BagelLoadOptions | None = field(  # BAGEL folders only
-        default=None, metadata={"help": "how to open a BAGEL folder; null: the whole model in fp32"}
+    backend: BackendOptions | None = field(
+        default=None,
+        metadata={"help": "how to open the model folder: a section with the family's kind (mini, hf, bagel) and "
+                          "options; null: the family's defaults (docs/architecture.md)"},
     )
     shard_weights: bool = field(
         default=False,
@@ -250,20 +251,6 @@ def batch_indices(n_samples: int, step: int, prompts_per_step: int, seed: int) -
     return out
 
 
-def teacher_contexts(
-    backend: Backend, samples: list[Sample], pool: list[Sample], vt_mode: str, gen: torch.Generator
-) -> list[Context]:
-    """C_T per sample; `shuffled` draws each sample's VTs from another sample of `pool`."""
-    contexts = []
-    for s in samples:
-        partner = None
-        if vt_mode == "shuffled":
-            while partner is None or partner.id == s.id:
-                partner = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-        contexts.append(backend.build_context(s, "teacher", vt_mode, shuffled_from=partner, generator=gen))
-    return contexts
-
-
 def distill_loss(
     backend: Backend,
     teacher: Teacher,
@@ -314,197 +301,264 @@ def loss_normalizer(masks: list[torch.Tensor], reduction: str) -> torch.Tensor:
     return count.clamp(min=1)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands (`trainer_state.json` of a checkpoint): the last finished step, the best
+    validation accuracy and its step, and the count of consecutive skipped (non-finite) steps."""
+
+    step: int = 0
+    best: float = -1.0
+    best_step: int | None = None
+    bad_steps: int = 0
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(step=saved["step"], best=saved["best"], best_step=saved["best_step"],
+                   bad_steps=saved.get("bad_steps", 0))
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, set up once by `open_run`."""
+
+    cfg: TrainConfig
+    dist: Dist
+    out: Path
+    backend: Backend
+    engine: Engine
+    teacher: Teacher
+    task: Task
+    train: list[Sample]
+    val: list[Sample]
+    log: MetricsLog
+    state: TrainState
+    micro: int  # prompts per micro-batch on this rank
+    device: torch.device  # where the model's parameters live
+
+    def close(self, clean: bool) -> None:
+        """The metrics file always; the process group only after a clean end (after a failure the
+        other ranks may never reach its barrier)."""
+        self.log.close()
+        if clean:
+            self.dist.close()
+
+
+class Window(NamedTuple):
+    """One micro-batch of a step: its prompts, their student contexts and the sampled completions."""
+
+    samples: list[Sample]
+    contexts: list[Context]
+    rollout: Rollout
+
+
 def run_train(cfg: TrainConfig) -> Path:
-    """Run Visual-OPSD; returns the folder of the selected (validation-best) model."""
+    """Run Visual-OPSD (docs/method.md section 2); returns the folder of the selected
+    (validation-best) model."""
+    run = open_run(cfg)
+    clean = False
+    try:
+        if run.state.step == 0 and run.val:
+            run.log.write({"step": 0, "val/accuracy": validate(run, step=0)})
+        bar = tqdm(range(run.state.step, cfg.optim.steps), initial=run.state.step, total=cfg.optim.steps,
+                   desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}",
+                   disable=not cfg.progress or not run.dist.is_main, dynamic_ncols=True)
+        for step in bar:
+            done, times = step + 1, {}
+            run.engine.begin_step(done, lr_at(step, cfg.optim))
+            prompts = batch_indices(len(run.train), step, cfg.optim.prompts_per_step, cfg.seed)
+            # 1. rollouts: every micro-batch's first, so the loss's denominator is known before any backward
+            windows = rollouts(run, run.dist.shard(prompts), step_seed(cfg.seed, step, 0, run.dist.rank), times)
+            normalizer, tokens = loss_denominator(run, windows)
+            # 2-3. teacher scores (privileged VT context), student scores, JSD loss, backward
+            loss = distill_backward(run, windows, normalizer, step_seed(cfg.seed, step, 1, run.dist.rank), times)
+            # 4. optimizer step (skipped when not finite), then the teacher update
+            grad_norm, finite = update(run, loss, times)
+            # 5. metrics, validation, checkpoint
+            record = step_record(run, done, windows, loss, grad_norm, tokens, times)
+            if not finite:
+                skip_step(run, done, record, [run.train[i].id for i in prompts], loss, grad_norm)
+            elif run.val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
+                record["val/accuracy"] = validate(run, done)
+            run.state.step = done
+            stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
+            if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
+                save_last(run)
+            run.log.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{record.get('rollout/correct', 0):.2f}")
+            if stopping:
+                break
+        clean = True
+    finally:
+        run.close(clean)
+    selected = run.out / "best" / "model" if (run.out / "best").exists() else run.out / "last" / "model"
+    if run.dist.is_main:
+        print(f"train: done at step {run.state.step}; selected model (validation best, step "
+              f"{run.state.best_step}): {selected}")
+    return selected
+
+
+def open_run(cfg: TrainConfig) -> Run:
+    """Set-up: processes, the student (from `init_from`, or the checkpoint to resume), data, budget
+    check, engine, teacher, metrics log."""
     torch.set_num_threads(cfg.threads)
     dist = Dist.create()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # a truncated or altered checkpoint is never loaded: the previous good one, or a clear stop
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
-    backend = load_backend(resume / "model" if resume else cfg.init_from, cfg.hf, resume=resume is not None,
-                           bagel=cfg.backend)
-    kind = dist.check_engine(backend, cfg.shard_weights, cfg.deepspeed_stage)
-    model = backend.model
+    backend = open_backend(resume / "model" if resume else cfg.init_from, cfg.backend, resume=resume is not None)
     task = get_task(cfg.data.task)
     patch = maze_cell_px(backend)
-    train = load_samples(cfg.data, task, "train", patch)
-    val = load_samples(cfg.data, task, "val", patch)
-    per_rank = prompts_per_rank(cfg.optim, dist.world)
-    micro = per_rank // cfg.optim.grad_accum
+    train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
+    micro = prompts_per_rank(cfg.optim, dist.world) // cfg.optim.grad_accum
     check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
     # the engine lays the weights out (FSDP2 shards, ZeRO partitions) before the teacher's shadow
     # is taken, so the shadow follows the same layout
-    engine = (ZeroEngine(dist, model, cfg.optim, int(kind[-1]), micro * cfg.rollout.n, dist.precision)
-              if kind.startswith("zero") else TorchEngine(dist, model, cfg.optim, sharded=kind == "fsdp"))
-    teacher = Teacher(model, cfg.teacher.mode, cfg.teacher.ema_decay, layout=engine.layout,
-                      base_weights=getattr(backend, "adapters_disabled", None))  # LoRA: frozen = adapters off
-    if dist.is_main and dist.world > 1:
-        print(f"train: {dist.world} processes, engine {kind}", flush=True)
-    model_device = engine.params[0].device if engine.params else torch.device("cpu")
-    state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": None, "bad_steps": 0}
-    if resume:
-        state = {"bad_steps": 0, **load_train_state(resume, engine, teacher)}
-    log = MetricsLog(out / "metrics.jsonl", resume_step=state["step"] if resume else None, enabled=dist.is_main)
+    engine = make_engine(dist, backend, cfg, micro * cfg.rollout.n)
+    teacher = Teacher(backend.model, cfg.teacher.mode, cfg.teacher.ema_decay, layout=engine.layout,
+                      base_weights=backend.adapters_disabled)  # LoRA: frozen = adapters off
+    state = TrainState.from_json(load_train_state(resume, engine, teacher)) if resume else TrainState()
+    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None, enabled=dist.is_main)
     if dist.is_main:
         remove_stale_temporaries(out)  # half-written checkpoints of a killed run (never resumed from)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    device = engine.params[0].device if engine.params else torch.device("cpu")
+    return Run(cfg, dist, out, backend, engine, teacher, task, train, val, log, state, micro, device)
 
-    bar = tqdm(range(state["step"], cfg.optim.steps), initial=state["step"], total=cfg.optim.steps,
-               desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}",
-               disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
-    if state["step"] == 0 and val:
-        state.update(_validate(backend, engine, task, val, cfg, out, dist, step=0, best=state["best"], log=log))
-    for step in bar:
-        done = step + 1
-        times: dict[str, float] = {}
-        lr = lr_at(step, cfg.optim)
-        engine.set_lr(lr)
-        step_idx = batch_indices(len(train), step, cfg.optim.prompts_per_step, cfg.seed)
-        idx = dist.shard(step_idx)  # this rank's contiguous share of the global batch
-        gen_sample, gen_vt = step_seed(cfg.seed, step, 0, dist.rank), step_seed(cfg.seed, step, 1, dist.rank)
 
-        # 1-2: every rollout of the window first, so the loss's denominator (the window's completion
-        # or token count) is known before any backward
-        model.eval()
-        engine.layout.gather()  # sharded: the weights once, so decoding issues no collectives
-        windows = []
-        for m in range(cfg.optim.grad_accum):
-            samples = [train[i] for i in idx[m * micro : (m + 1) * micro]]
-            s_ctx = [backend.build_context(s, "student") for s in samples]
-            with timed(times, "rollout"):
-                ro = collect_rollout(
-                    backend, samples, s_ctx, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
-                    temperature=cfg.rollout.temperature, max_image_skips=cfg.rollout.max_image_skips,
-                    source=cfg.rollout.source, generator=gen_sample,
-                )
-            windows.append((samples, s_ctx, ro))
-            maybe_kill("rollout", done)
-        lengths = max(max((len(i) for i in ro.ids), default=0) for _, _, ro in windows)
-        masks = [ro.loss_mask(lengths).to(dist.device) for _, _, ro in windows]  # the process group's device
-        local_tokens = int(sum(int(m.sum()) for m in masks))
-        # completion tokens of the whole step: all micro-batches, all ranks (an all-reduce); with
-        # sequence_mean the loss divides by the step's completions instead (a second all-reduce)
-        token_count = global_token_count(masks)
-        tokens = int(token_count)
-        normalizer = (token_count.clamp(min=1) if cfg.loss.reduction == "token_mean"
-                      else loss_normalizer(masks, cfg.loss.reduction)).to(model_device)
+def rollouts(run: Run, idx: list[int], gen: torch.Generator, times: dict[str, float]) -> list[Window]:
+    """On-policy completions of this rank's prompts `idx`, one `Window` per micro-batch, sampled from
+    the current student on the student context, with image-skip injection (`rollout.py`)."""
+    cfg, backend = run.cfg, run.backend
+    backend.model.eval()
+    run.engine.layout.gather()  # sharded: the weights once, so decoding issues no collectives
+    windows = []
+    for m in range(cfg.optim.grad_accum):
+        samples = [run.train[i] for i in idx[m * run.micro : (m + 1) * run.micro]]
+        contexts = [backend.build_context(s, "student") for s in samples]
+        with timed(times, "rollout"):
+            ro = collect_rollout(
+                backend, samples, contexts, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature, max_image_skips=cfg.rollout.max_image_skips,
+                source=cfg.rollout.source, generator=gen,
+            )
+        windows.append(Window(samples, contexts, ro))
+    return windows
 
-        # 3-4: teacher and student scoring, backward per micro-batch; gradients summed over ranks
-        model.train()
-        engine.zero_grad()
-        total = 0.0
-        for m, (samples, s_ctx, ro) in enumerate(windows):
-            with timed(times, "teacher"):
-                t_ctx = teacher_contexts(backend, samples, train, cfg.teacher.vt_mode, gen_vt)
-            with dist.autocast():
-                loss = distill_loss(backend, teacher, s_ctx, t_ctx, ro, cfg.loss, normalizer, times)
-            if armed("nan:loss", done):  # fault injection
-                loss = loss * float("nan")
-            with timed(times, "update"):
-                engine.backward(loss, last=m == len(windows) - 1)  # the last one reduces over ranks
-            total += loss.item()
+
+def loss_denominator(run: Run, windows: list[Window]) -> tuple[torch.Tensor, int]:
+    """(the loss's normaliser, the step's completion tokens), both over all micro-batches and ranks
+    (all-reduces): the step's completions for `sequence_mean`, its tokens for `token_mean`."""
+    length = max(max((len(i) for i in w.rollout.ids), default=0) for w in windows)
+    masks = [w.rollout.loss_mask(length).to(run.dist.device) for w in windows]  # the process group's device
+    token_count = global_token_count(masks)
+    normalizer = (token_count.clamp(min=1) if run.cfg.loss.reduction == "token_mean"
+                  else loss_normalizer(masks, run.cfg.loss.reduction))
+    return normalizer.to(run.device), int(token_count)
+
+
+def distill_backward(run: Run, windows: list[Window], normalizer: torch.Tensor, gen_vt: torch.Generator,
+                     times: dict[str, float]) -> float:
+    """Per micro-batch: teacher contexts (the VTs of `teacher.vt_mode`), the JSD loss on the sampled
+    tokens (`distill_loss`), backward; gradients summed over ranks at the last one. Returns the
+    step's loss, summed over micro-batches and ranks."""
+    run.backend.model.train()
+    run.engine.zero_grad()
+    total = 0.0
+    for m, w in enumerate(windows):
+        with timed(times, "teacher"):
+            t_ctx = teacher_contexts(run.backend, w.samples, run.train, run.cfg.teacher.vt_mode, gen_vt)
+        with run.dist.autocast():
+            loss = distill_loss(run.backend, run.teacher, w.contexts, t_ctx, w.rollout, run.cfg.loss, normalizer,
+                                times)
         with timed(times, "update"):
-            if os.environ.get(DUMP_ENV):  # test hook: whole gradients (a collective when sharded)
-                grads = engine.whole_grads()
-                if dist.is_main:
-                    dump_gradients(done, grads)
-            if armed("inf:grad", done):  # fault injection
-                next(p for p in engine.params if p.grad is not None).grad.view(-1)[0] = float("inf")
-            total = dist.sum(total)
-            grad_norm, finite = engine.step(loss_finite=math.isfinite(total))
-            if finite:
-                maybe_kill("optimizer", done)
-                teacher.update()
-                state["bad_steps"] = 0
-            else:
-                state["bad_steps"] += 1
+            run.engine.backward(loss, last=m == len(windows) - 1)  # the last one reduces over ranks
+        total += loss.item()
+    return run.dist.sum(total)
 
-        record: dict[str, Any] = {"step": done, "lr": lr, "loss": total, "grad_norm": float(grad_norm),
-                                  "tokens": tokens}
-        if dist.world > 1:
-            record["tokens/per_rank"] = dist.gather_int(local_tokens)
-        stats: dict[str, float] = {}
-        for _, _, ro in windows:
-            for k, v in ro.stats(task).items():
-                stats[k] = stats.get(k, 0.0) + v / len(windows)
-        record.update(dist.mean_dict(stats))  # equal shards: the mean of rank means is the global mean
-        record.update(dist.max_dict(memory_gib(model_device)))  # the fullest rank, after the step
-        record.update({f"time/{k}": v for k, v in times.items()})
-        if not finite:
-            # the weights are still those of the last good step: log, and save below as usual (a
-            # checkpoint after a skipped step is good); abort without saving after too many in a row
-            ids = [train[i].id for i in step_idx]
-            record.update(skipped="non-finite loss or gradient", samples=ids, bad_steps=state["bad_steps"])
-            message = (f"step {done}: non-finite loss {total} or grad norm {float(grad_norm)}; step skipped "
-                       f"(samples {ids[:16]}); {state['bad_steps']} consecutive of at most {cfg.optim.max_bad_steps}")
+
+def update(run: Run, loss: float, times: dict[str, float]) -> tuple[float, bool]:
+    """The optimizer step and, when it was applied, the teacher update: (gradient norm, applied).
+    A step whose loss or gradient is not finite leaves weights and teacher as they were."""
+    with timed(times, "update"):
+        grad_norm, finite = run.engine.step(loss_finite=math.isfinite(loss))
+        if finite:
+            run.teacher.update()
+            run.state.bad_steps = 0
+        else:
+            run.state.bad_steps += 1
+    return grad_norm, finite
+
+
+def step_record(run: Run, done: int, windows: list[Window], loss: float, grad_norm: float, tokens: int,
+                times: dict[str, float]) -> dict[str, Any]:
+    """The step's row of metrics.jsonl: loss, lr, gradient norm, tokens, rollout statistics (means
+    over ranks), memory of the fullest rank, time per phase."""
+    record: dict[str, Any] = {"step": done, "lr": lr_at(done - 1, run.cfg.optim), "loss": loss,
+                              "grad_norm": float(grad_norm), "tokens": tokens}
+    if run.dist.world > 1:
+        local = sum(int(w.rollout.loss_mask(max((len(i) for i in w.rollout.ids), default=0)).sum())
+                    for w in windows)
+        record["tokens/per_rank"] = run.dist.gather_int(local)
+    stats: dict[str, float] = {}
+    for w in windows:
+        for k, v in w.rollout.stats(run.task).items():
+            stats[k] = stats.get(k, 0.0) + v / len(windows)
+    record.update(run.dist.mean_dict(stats))  # equal shards: the mean of rank means is the global mean
+    record.update(run.dist.max_dict(memory_gib(run.device)))  # the fullest rank, after the step
+    record.update({f"time/{k}": v for k, v in times.items()})
+    return record
+
+
+def skip_step(run: Run, done: int, record: dict[str, Any], ids: list[str], loss: float, grad_norm: float) -> None:
+    """Log a step skipped for a non-finite loss or gradient (the weights are still those of the last
+    good step, so the run goes on and saves as usual); abort after `optim.max_bad_steps` in a row,
+    leaving the last good checkpoint as it was."""
+    bad, limit = run.state.bad_steps, run.cfg.optim.max_bad_steps
+    record.update(skipped="non-finite loss or gradient", samples=ids, bad_steps=bad)
+    message = (f"step {done}: non-finite loss {loss} or grad norm {float(grad_norm)}; step skipped "
+               f"(samples {ids[:16]}); {bad} consecutive of at most {limit}")
+    if run.dist.is_main:
+        logger.warning(message)
+    if bad >= limit:
+        run.log.write(record)
+        last = run.out / "last"
+        kept = (f"the last good checkpoint is {last} (step {_checkpoint_step(last)})"
+                if (last / "trainer_state.json").is_file() else "no checkpoint was written yet")
+        raise TrainingAborted(
+            f"{message}. Aborting after {bad} consecutive non-finite steps (optim.max_bad_steps={limit}); "
+            f"{kept}. Lower optim.lr or check those samples."
+        )
+
+
+def save_last(run: Run) -> None:
+    """`last/`: weights, optimizer, teacher and state, for an exact resume (every rank takes part:
+    collectives when sharded; rank 0 writes)."""
+    with run.engine.whole_weights() as weights:
+        whole = run.engine.train_state(run.teacher, run.dist.is_main)
+        if whole is not None:
+            save_train_state(run.out / "last", run.backend, weights, whole, dataclasses.asdict(run.state))
+    run.dist.barrier()  # no rank runs ahead of a checkpoint being written
+
+
+def validate(run: Run, step: int) -> float:
+    """Greedy text-only accuracy of the student on the validation split (never test), sharded over
+    ranks; one text round (`eval.image_skips` 0), as the final evaluation. A new best is kept in
+    `best/` (every rank takes part; rank 0 writes)."""
+    cfg, dist = run.cfg, run.dist
+    run.engine.layout.gather()  # sharded: gathered before decoding (ranks decode different lengths)
+    mine = run.val[dist.rank :: dist.world]
+    preds = predict(run.backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                    seed=cfg.seed, image_skips=cfg.eval.image_skips)
+    acc = dist.sum(sum(run.task.is_correct(s, p) for s, p in zip(mine, preds, strict=True))) / max(1, len(run.val))
+    if acc > run.state.best:
+        run.state.best, run.state.best_step = acc, step
+        with run.engine.whole_weights() as whole:  # every rank (a collective when sharded)
             if dist.is_main:
-                logger.warning(message)
-            if state["bad_steps"] >= cfg.optim.max_bad_steps:
-                log.write(record)
-                log.close()
-                last = out / "last"
-                kept = f"the last good checkpoint is {last} (step {_checkpoint_step(last)})" if (
-                    last / "trainer_state.json").is_file() else "no checkpoint was written yet"
-                raise TrainingAborted(
-                    f"{message}. Aborting after {state['bad_steps']} consecutive non-finite steps "
-                    f"(optim.max_bad_steps={cfg.optim.max_bad_steps}); {kept}. Lower optim.lr or check those samples."
-                )
-        elif val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
-            state.update(_validate(backend, engine, task, val, cfg, out, dist, step=done, best=state["best"],
-                                   record=record))
-        state["step"] = done
-        stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
-        if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
-            with engine.whole_weights() as weights:  # every rank (collectives when sharded)
-                whole = engine.train_state(teacher, dist.is_main)
-                if whole is not None:
-                    save_train_state(out / "last", backend, weights, whole, state)
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
-        log.write(record)
-        bar.set_postfix(loss=f"{total:.4f}", acc=f"{record.get('rollout/correct', 0):.2f}")
-        if stopping:
-            break
-    log.close()
-    dist.close()
-    selected = out / "best" / "model" if (out / "best").exists() else out / "last" / "model"
-    if dist.is_main:
-        print(f"train: done at step {state['step']}; selected model (validation best, step {state['best_step']}): "
-              f"{selected}")
-    return selected
-
-
-class MetricsLog:
-    """metrics.jsonl, written by rank 0 only. On resume, rows of steps after the checkpoint (logged
-    before a crash, about to be replayed) are dropped first, so every step appears once."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
-        self.file = None
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= resume_step]
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        self.file = open(path, "a" if resume_step is not None else "w")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-def _row_step(line: str) -> float:
-    try:
-        return float(json.loads(line).get("step", math.inf))
-    except (ValueError, AttributeError):
-        return math.inf  # a line torn by a crash mid-write: dropped
+                with atomic_dir(run.out / "best", manifest=True) as tmp:
+                    run.backend.save(tmp / "model", state=whole)
+                    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
+    return acc
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -512,31 +566,6 @@ def _checkpoint_step(path: Path) -> int | None:
         return int(json.loads((path / "trainer_state.json").read_text())["step"])
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _validate(backend, engine: TorchEngine, task, val, cfg: TrainConfig, out: Path, dist: Dist, step: int,
-              best: float, record=None, log: MetricsLog | None = None):
-    """Greedy text-only student accuracy on the validation split, sharded over ranks; rank 0 writes
-    best/ on improvement."""
-    engine.layout.gather()  # sharded: gathered before decoding (ranks decode different lengths)
-    mine = val[dist.rank :: dist.world]
-    preds = predict(backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed,
-                    image_skips=cfg.eval.image_skips)  # one text round by default, as the final evaluation
-    correct = dist.sum(sum(task.is_correct(s, p) for s, p in zip(mine, preds, strict=True)))
-    acc = correct / max(1, len(val))
-    if record is not None:
-        record["val/accuracy"] = acc
-    elif log is not None:
-        log.write({"step": step, "val/accuracy": acc})
-    result: dict[str, Any] = {}
-    if acc > best:
-        result = {"best": acc, "best_step": step}
-        with engine.whole_weights() as whole:  # every rank (a collective when sharded)
-            if dist.is_main:
-                with atomic_dir(out / "best", manifest=True) as tmp:
-                    backend.save(tmp / "model", state=whole)
-                    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
-    return result
 
 
 def save_train_state(path: Path, backend: Backend, weights: dict[str, torch.Tensor] | None, whole: dict[str, Any],
@@ -553,7 +582,7 @@ def save_train_state(path: Path, backend: Backend, weights: dict[str, torch.Tens
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_train_state(path: Path, engine: TorchEngine, teacher: Teacher) -> dict[str, Any]:
+def load_train_state(path: Path, engine: Engine, teacher: Teacher) -> dict[str, Any]:
     """The optimizer and teacher state and the trainer state of checkpoint `path` (already verified
     against its manifest); anything unreadable is a `CheckpointError` naming the file."""
     state_file = path / "trainer_state.json"

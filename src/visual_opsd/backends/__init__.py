@@ -1,18 +1,43 @@
-"""Model families behind one small interface (`base.Backend`): the built-in miniature unified model
-(`mini`), Hugging Face vision-language models (`hf`) and BAGEL / ThinkMorph-7B (`bagel`).
-`load_backend` opens a saved folder of any kind; heavy imports (transformers, diffusers) happen only
-when a folder of that kind is opened."""
+"""Model families behind one small interface (`base.Backend`), and the registry that opens them.
+
+A family registers, in `FAMILIES` below, one line: its `kind` (a config's `backend.kind`), how to
+recognise a saved folder of it (reading config files only), its options dataclass (the config's
+`backend:` section) and the module that opens it (imported only when such a folder is opened, so
+that no command pays for transformers unless it uses a Hugging Face model). That module provides
+`open_folder(path, options, resume) -> Backend`. Adding a family is one module and one line here
+(docs/architecture.md).
+
+    mini   the built-in miniature unified model (`mini.py`)
+    hf     Hugging Face vision-language models (`hf.py`; options in `hf_config.py`, which does not
+           import transformers)
+    bagel  BAGEL / ThinkMorph-7B (`bagel.py`)
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Union
+
+from visual_opsd.backends.bagel import BagelLoadOptions
+from visual_opsd.backends.hf_config import HFOptions
+from visual_opsd.backends.mini import MiniOptions
 
 if TYPE_CHECKING:
-    from visual_opsd.backends.bagel import BagelLoadOptions
     from visual_opsd.backends.base import Backend
-    from visual_opsd.backends.hf_config import HFOptions
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str
+    recognise: Callable[[Path], bool]
+    options: type  # a dataclass with `kind: Literal[<kind>]`
+    module: str  # provides open_folder(path, options, resume) -> Backend
+    # the options of a run whose config has no backend section
+    default_options: Callable[[], Any] | None = None
 
 
 def is_bagel_folder(path: str | Path) -> bool:
@@ -21,22 +46,42 @@ def is_bagel_folder(path: str | Path) -> bool:
     return (path / "llm_config.json").is_file() and (path / "vit_config.json").is_file()
 
 
-def backend_kind(path: str | Path) -> str:
-    """"mini", "hf" or "bagel" for a saved model folder; a clear error for anything else."""
+def _config_json(path: Path) -> dict:
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_mini_folder(path: Path) -> bool:
+    return _config_json(path).get("format") == "visual_opsd.mini"
+
+
+def _is_hf_folder(path: Path) -> bool:
+    # a folder with a transformers config, or an HF LoRA checkpoint saved as the adapter alone
+    return "model_type" in _config_json(path) or (path / "adapter" / "adapter_config.json").is_file()
+
+
+# Order matters: a released BAGEL folder may carry a config.json too, so it is recognised first.
+FAMILIES: dict[str, Family] = {f.kind: f for f in (
+    Family("bagel", is_bagel_folder, BagelLoadOptions, "visual_opsd.backends.bagel",
+           default_options=lambda: BagelLoadOptions(understanding_only=False, dtype="float32")),
+    Family("mini", _is_mini_folder, MiniOptions, "visual_opsd.backends.mini"),
+    Family("hf", _is_hf_folder, HFOptions, "visual_opsd.backends.hf"),
+)}
+# the type of a config's `backend:` section: one of the families' options, chosen by its `kind`
+BackendOptions = Union[tuple(f.options for f in FAMILIES.values())]  # noqa: UP007 (built at run time)
+
+
+def family_of(path: str | Path) -> Family:
+    """The family of the saved model folder at `path`; a clear error for anything else."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no model folder at {path}")
-    if is_bagel_folder(path):  # before config.json: a released BAGEL folder may carry one too
-        return "bagel"
-    config = path / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if data.get("format") == "visual_opsd.mini":
-            return "mini"
-        if "model_type" in data:
-            return "hf"
-    elif (path / "adapter" / "adapter_config.json").is_file():
-        return "hf"  # an HF LoRA checkpoint saved as the adapter alone
+    for family in FAMILIES.values():
+        if family.recognise(path):
+            return family
     raise ValueError(
         f"{path}: not a model folder this package can load (expected a mini-model checkpoint, whose config.json "
         "has format visual_opsd.mini, a Hugging Face folder, whose config.json has a model_type, or a BAGEL "
@@ -44,27 +89,26 @@ def backend_kind(path: str | Path) -> str:
     )
 
 
-def load_backend(path: str | Path, hf: HFOptions | None = None, resume: bool = False,
-                 bagel: BagelLoadOptions | None = None) -> Backend:
-    """The backend saved at `path`: mini checkpoints as they are; HF folders prepared per `hf`
-    (LoRA, dtype, ...), where `resume=True` continues a LoRA checkpoint's own adapter (exact resume);
-    BAGEL folders per `bagel` (default: the whole model, generation side included, fp32 weights on
-    this process's GPU or the CPU; the generation side stays frozen in training)."""
-    kind = backend_kind(path)
-    if kind == "mini":
-        from visual_opsd.backends.mini import MiniBackend
+def backend_kind(path: str | Path) -> str:
+    """"mini", "hf" or "bagel" (a registered kind) for a saved model folder."""
+    return family_of(path).kind
 
-        return MiniBackend.load(path)
-    if kind == "bagel":
-        from visual_opsd.backends.bagel import BagelBackend, BagelLoadOptions
 
-        return BagelBackend.from_options(path, bagel or BagelLoadOptions(understanding_only=False, dtype="float32"))
-    from visual_opsd.backends.hf import HFBackend
+def open_backend(path: str | Path, options: Any = None, resume: bool = False) -> Backend:
+    """The backend saved at `path`, opened as `options` (the config's `backend:` section, whose
+    kind must match the folder's; None: the family's defaults). `resume=True` continues a
+    checkpoint's own trainable state (an HF LoRA checkpoint's adapter) for an exact resume."""
+    from visual_opsd.errors import ConfigError
 
-    return HFBackend.load(path, hf, resume=resume)
+    family = family_of(path)
+    if options is None:
+        options = family.default_options() if family.default_options else family.options()
+    elif getattr(options, "kind", None) != family.kind:
+        raise ConfigError(f"backend.kind is {getattr(options, 'kind', None)!r} but {path} is a {family.kind} "
+                          f"model folder; set backend.kind={family.kind} or drop the backend section")
+    return importlib.import_module(family.module).open_folder(Path(path), options, resume)
 
 
 def maze_cell_px(backend: Backend) -> int:
     """Pixels per maze cell that give the backend one image patch / token per cell."""
-    cell = getattr(backend, "cell_px", None)
-    return int(cell) if cell else int(backend.cfg.patch_size)
+    return int(backend.cell_px)

@@ -16,7 +16,7 @@ full attention inside; a generation image is the same with VAE latent rows (gene
 The trailing `<|im_start|>` opens the answer: decoding and scoring continue that causal text.
 The teacher's VTs go through the understanding encoder (ViT) only, as in the paper.
 
-ThinkMorph writes `<image_start>` as plain text. Image skip (method.md section 2, step 2): when a
+ThinkMorph writes `<image_start>` as plain text. Image skip (docs/method.md section 2, step 2): when a
 sampled round's text ends with `<image_start>`, the backend injects `<|im_end|><|im_start|>` and the
 tokens of `<image_end>` (sampled=False) and sampling goes on, at most `max_image_skips` times.
 
@@ -31,7 +31,6 @@ reference's round limit does).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,26 +58,26 @@ from visual_opsd.backends.bagel_flow import (
 )
 from visual_opsd.backends.bagel_model import BagelConfig, BagelModel, KVCache, block_mask, is_generation_param
 from visual_opsd.backends.base import (
+    FRAMING_TEXT,
+    TRANSITION_TEXT,
     Backend,
     Completion,
     Context,
     Decoder,
     Interleaved,
-    NoiseVT,
     Role,
     Scores,
     Segment,
-    VTMode,
+    completions_per_context,
     next_token,
-    pick_vt_images,
+    resolve_device,
+    sample_with_image_skip,
 )
 from visual_opsd.sample import IMAGE_END, IMAGE_START, Sample
+from visual_opsd.vt import NoiseVT, VTMode, pick_vt_images
 
 FORMAT = "visual_opsd.bagel"
-DEFAULT_FRAMING = (
-    "Below are privileged visual references of intermediate reasoning steps. Use them silently and never mention them."
-)
-DEFAULT_TRANSITION = "Now reason step by step on your own."
+DEFAULT_FRAMING, DEFAULT_TRANSITION = FRAMING_TEXT, TRANSITION_TEXT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +147,9 @@ class BagelLoadOptions:
         default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda:N"})
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: this process's GPU (LOCAL_RANK under a launcher) when one is visible, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def open_folder(path: Path, options: BagelLoadOptions, resume: bool = False) -> BagelBackend:
+    """The registry's entry (`backends/__init__.py`)."""
+    return BagelBackend.from_options(path, options)
 
 
 @dataclass
@@ -628,10 +623,7 @@ class BagelBackend(Backend):
         """Each context's prefix runs once (packed, one forward); its g completions run as one causal
         batch against that cache. Gradients flow through both under grad mode."""
         model = model or self.model
-        k, m = len(contexts), len(completions)
-        if k == 0 or m % k:
-            raise ValueError(f"{m} completions do not split evenly over {k} contexts")
-        g = m // k
+        m, g = len(completions), completions_per_context(contexts, completions)
         dev = model.device
         lengths = torch.tensor([len(c) for c in completions])
         T = max(1, int(lengths.max()))
@@ -676,41 +668,10 @@ class BagelBackend(Backend):
                model: nn.Module | None = None) -> list[Completion]:
         """Batched sampling with image skip for a plain-text `<image_start>` (module docstring): the
         injection `<|im_end|><|im_start|><image_end>` is several ids, fed one per step, sampled=False."""
-        dec = self.decoder(contexts, n, model)
-        rows = dec.logits.shape[0]
         inject = [self.eos_id, self.bos_id, *self.tokenizer.encode(self.image_end_text)]
-        ids: list[list[int]] = [[] for _ in range(rows)]
-        sampled: list[list[bool]] = [[] for _ in range(rows)]
-        round_start = [0] * rows
-        pending: list[list[int]] = [[] for _ in range(rows)]
-        skips, finished = [0] * rows, [False] * rows
-        active = torch.ones(rows, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            tok = next_token(dec.logits, temperature, generator, self.suppressed_ids).cpu()
-            for b in torch.nonzero(active).flatten().tolist():
-                forced = bool(pending[b])
-                t = pending[b].pop(0) if forced else int(tok[b])
-                tok[b] = t
-                ids[b].append(t)
-                sampled[b].append(not forced)
-                if forced:
-                    if not pending[b]:
-                        round_start[b] = len(ids[b])
-                    continue
-                if t == self.eos_id:
-                    finished[b] = True
-                    active[b] = False
-                elif self._ends_with_image_start(ids[b][round_start[b]:]):
-                    if skips[b] < max_image_skips:
-                        skips[b] += 1
-                        pending[b] = list(inject)
-                    else:
-                        active[b] = False
-            if not active.any():
-                break
-            dec.step(tok, active)
-        return [Completion(ids=ids[b], text=self.decode(ids[b]), sampled=sampled[b], finished=finished[b],
-                           image_skips=skips[b]) for b in range(rows)]
+        return sample_with_image_skip(self, self.decoder(contexts, n, model), max_new_tokens, temperature,
+                                      max_image_skips, generator, injection=inject,
+                                      ends_round=self._ends_with_image_start)
 
     # interleaved generation ---------------------------------------------------------------------
 

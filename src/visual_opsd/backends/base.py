@@ -11,10 +11,9 @@ lists of token ids; it never re-tokenises text, so the teacher scores exactly th
     generate_interleaved(contexts, ...)    -> [Interleaved] unified models: text with generated VTs
     save(dir) / load(dir)
 
-Written once here, for every backend:
-- `pick_vt_images`: which images the teacher sees for each `vt_mode` (data / noise / shuffled / none);
+Written once here, for every backend (the VT controls are in `vt.py`):
 - `sample_with_image_skip`: batched temperature sampling over a backend's `Decoder` (one token per
-  row per step) with the image-skip rule of method.md section 2, step 2: when a round ends with
+  row per step) with the image-skip rule of docs/method.md section 2, step 2: when a round ends with
   `<image_start>`, the backend feeds an injected `<image_end>` and sampling goes on with a new text
   round, at most `max_image_skips` times; one more `<image_start>` ends the row. The injected token
   is part of the completion ids (the sampling cache saw it, so the scored sequence is the same one)
@@ -23,55 +22,55 @@ Written once here, for every backend:
 
 from __future__ import annotations
 
+import os
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 from torch import nn
 
 from visual_opsd.sample import Sample
+from visual_opsd.vt import VTMode
 
 Role = Literal["student", "teacher"]
-VTMode = Literal["data", "noise", "shuffled", "none"]
-VT_MODES: tuple[str, ...] = ("data", "noise", "shuffled", "none")
+
+# The teacher context's texts around the VTs (docs/method.md section 2); each backend's options can
+# replace them. The tiny models' word-level tokenizers read them spaced (`word_spaced`).
+FRAMING_TEXT = (
+    "Below are privileged visual references of intermediate reasoning steps. Use them silently and never mention them."
+)
+TRANSITION_TEXT = "Now reason step by step on your own."
 
 
-@dataclass(frozen=True)
-class NoiseVT:
-    """Stands in for one VT under `vt_mode="noise"`: the backend draws N(0, 1) in its *normalised*
-    input space at this size, afresh on every `build_context` call (method.md section 3)."""
-
-    width: int
-    height: int
+def word_spaced(text: str) -> str:
+    """`text` with a space before each punctuation mark, as the word-level tokenizers split it."""
+    return re.sub(r"\s*([.,:;?!])", r" \1", text)
 
 
-def pick_vt_images(
-    sample: Sample, vt_mode: VTMode, shuffled_from: Sample | None = None, max_images: int = 8
-) -> list[Image.Image | NoiseVT]:
-    """The VT images a teacher context holds, in order, for each control.
+def resolve_device(name: str) -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK under a launcher) when one is visible, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
-    data: the sample's own VTs. noise: one `NoiseVT` per VT, same size. shuffled: the VTs of
-    `shuffled_from` (another sample, chosen by the caller so that the choice is reproducible).
-    none: no images (the framing texts stay). At most `max_images` are kept (the paper's limit is 8).
-    """
-    if vt_mode == "data":
-        images: list = list(sample.vt_images)
-    elif vt_mode == "noise":
-        images = [NoiseVT(*im.size) for im in sample.vt_images]
-    elif vt_mode == "shuffled":
-        if shuffled_from is None:
-            raise ValueError("vt_mode='shuffled' needs shuffled_from=<another sample>")
-        if shuffled_from.id == sample.id:
-            raise ValueError(f"vt_mode='shuffled': shuffled_from is the sample itself ({sample.id!r})")
-        images = list(shuffled_from.vt_images)
-    elif vt_mode == "none":
-        images = []
-    else:
-        raise ValueError(f"unknown vt_mode {vt_mode!r}; expected one of {VT_MODES}")
-    return images[:max_images]
+
+@runtime_checkable
+class SupportsSFT(Protocol):
+    """What `visual-opsd sft` needs of a backend besides the interface (the mini and HF backends
+    have it): one training example per sample, and the losses of a batch of them."""
+
+    def training_row(self, sample: Sample, kind: str, generator: torch.Generator, flow_copies: int = 1,
+                     flow_edit_weight: float = 1.0) -> Any: ...
+
+    def sft_losses(self, examples: list) -> dict[str, torch.Tensor]:
+        """`ce_sum`, `n_text` (and, for unified models, `flow_sum`, `flow_weight`, `n_patch`)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +171,15 @@ class Backend(ABC):
     # FSDP2 may shard `model` (distributed.py): every gradient-carrying network call goes through
     # `model`'s forward, so FSDP gathers the weights for it and reduces what it computes
     supports_sharding: bool = False
+    # LoRA backends: a context manager factory in which the model is its base model (adapters off),
+    # the frozen teacher without a copy (`teacher.py`); None for the others
+    adapters_disabled: Any = None
+
+    @property
+    @abstractmethod
+    def cell_px(self) -> int:
+        """Pixels per maze cell that give the model one image patch / token per cell (tasks render
+        their images at this size for this backend)."""
 
     @abstractmethod
     def build_context(
@@ -197,8 +205,10 @@ class Backend(ABC):
         output_attentions: bool = False,
     ) -> Scores:
         """Score completions under contexts. `len(completions)` is a multiple g of `len(contexts)`:
-        completions [i*g, (i+1)*g) belong to context i, whose prefix is encoded once and reused.
-        Gradient flows when called under grad mode (student) and not under torch.no_grad (teacher)."""
+        completions [i*g, (i+1)*g) belong to context i. The mini and BAGEL backends encode each
+        context's prefix once and reuse it for its g completions; the HF backend still runs every
+        context + completion row in full (the same scores, g times the prefix's compute). Gradient
+        flows when called under grad mode (student) and not under torch.no_grad (teacher)."""
 
     @abstractmethod
     def decoder(self, contexts: list[Context], n: int = 1, model: nn.Module | None = None) -> Decoder:
@@ -268,6 +278,14 @@ class Backend(ABC):
         """The inverse of `save`; never unpickles."""
 
 
+def completions_per_context(contexts: Sequence, completions: Sequence) -> int:
+    """`score`'s layout check: completions come in equal groups, one group per context, in order."""
+    k, m = len(contexts), len(completions)
+    if k == 0 or m % k:
+        raise ValueError(f"{m} completions do not split evenly over {k} contexts")
+    return m // k
+
+
 def next_token(
     logits: torch.Tensor,
     temperature: float,
@@ -293,39 +311,48 @@ def sample_with_image_skip(
     temperature: float,
     max_image_skips: int,
     generator: torch.Generator | None = None,
+    *,
+    injection: Sequence[int] | None = None,
+    ends_round: Callable[[list[int]], bool] | None = None,
 ) -> list[Completion]:
     """Sample every row of `dec` to end-of-sequence or `max_new_tokens` (injected ids count).
 
-    Per row: a sampled `<image_start>` is kept; if the row has skips left, the next id fed is an
-    injected `<image_end>` (sampled=False) and text sampling resumes; otherwise the row stops there.
+    Per row: when the text round so far `ends_round` (default: its last id is `<image_start>`), the
+    row has skips left and goes on after the `injection` ids (default: `<image_end>`), fed one per
+    step and flagged sampled=False; with no skips left it stops there. A backend whose image
+    marker is plain text spanning several ids (BAGEL) passes its own `ends_round` and `injection`.
     """
+    injection = [backend.image_end_id] if injection is None else list(injection)
+    if ends_round is None:
+        ends_round = lambda round_ids: round_ids[-1] == backend.image_start_id  # noqa: E731
     rows = dec.logits.shape[0]
     ids: list[list[int]] = [[] for _ in range(rows)]
     sampled: list[list[bool]] = [[] for _ in range(rows)]
-    skips = [0] * rows
-    finished = [False] * rows
+    pending: list[list[int]] = [[] for _ in range(rows)]  # injected ids still to feed, per row
+    round_start = [0] * rows  # where each row's current text round begins
+    skips, finished = [0] * rows, [False] * rows
     active = torch.ones(rows, dtype=torch.bool)
-    force_end = torch.zeros(rows, dtype=torch.bool)  # rows whose next id is an injected <image_end>
     for _ in range(max_new_tokens):
-        tok = next_token(dec.logits, temperature, generator, backend.suppressed_ids)
-        tok = torch.where(force_end, torch.full_like(tok, backend.image_end_id), tok)
-        was_forced = force_end.clone()
-        force_end[:] = False
-        stop = torch.zeros(rows, dtype=torch.bool)
+        tok = next_token(dec.logits, temperature, generator, backend.suppressed_ids).cpu()
         for b in torch.nonzero(active).flatten().tolist():
-            t = int(tok[b])
+            forced = bool(pending[b])
+            t = pending[b].pop(0) if forced else int(tok[b])
+            tok[b] = t
             ids[b].append(t)
-            sampled[b].append(not bool(was_forced[b]))
+            sampled[b].append(not forced)
+            if forced:
+                if not pending[b]:
+                    round_start[b] = len(ids[b])
+                continue
             if t == backend.eos_id:
                 finished[b] = True
-                stop[b] = True
-            elif t == backend.image_start_id and not was_forced[b]:
+                active[b] = False
+            elif ends_round(ids[b][round_start[b] :]):
                 if skips[b] < max_image_skips:
                     skips[b] += 1
-                    force_end[b] = True
+                    pending[b] = list(injection)
                 else:
-                    stop[b] = True
-        active &= ~stop
+                    active[b] = False
         if not active.any():
             break
         dec.step(tok, active)

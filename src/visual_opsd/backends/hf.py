@@ -21,7 +21,7 @@ Sampling decodes with a KV cache, one token per row per step (`HFDecoder`), thro
 format has an image marker (`<|vision_start|>` / `<|vision_end|>`) a sampled image start gets the
 image-skip injection; LLaVA has no marker, so no image skip there. (Not `model.generate`: the
 injection needs control between two tokens; the decoder's logits equal a full forward's, tested.)
-Tensors go to the model's device (`hf.device`); sampling draws on the CPU with the caller's generator.
+Tensors go to the model's device (`backend.device`); sampling draws on the CPU with the caller's generator.
 
 Training: full fine-tuning (vision tower frozen by default) or LoRA via peft on the language model.
 With LoRA, `adapters_disabled` gives the frozen teacher (base model, no copy), and EMA shadows
@@ -32,7 +32,6 @@ LoRA) plus, with LoRA, the adapter alone under `adapter/` (what an exact resume 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,16 +46,16 @@ from visual_opsd.backends.base import (
     Backend,
     Context,
     Decoder,
-    NoiseVT,
     Role,
     Scores,
     Segment,
-    VTMode,
-    pick_vt_images,
+    completions_per_context,
+    resolve_device,
 )
 from visual_opsd.backends.hf_compat import load_processor
 from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.sample import Sample
+from visual_opsd.vt import NoiseVT, VTMode, pick_vt_images
 
 FORMAT = "visual_opsd.hf"
 META_FILE = "visual_opsd.json"
@@ -273,8 +272,8 @@ class HFBackend(Backend):
         if o.max_length is not None and len(ids) >= o.max_length:
             raise ValueError(
                 f"sample {sample.id!r}: the {role} context has {len(ids)} tokens (images included), "
-                f"hf.max_length={o.max_length} leaves no room for a completion; a prompt is never cut through "
-                "an image: raise hf.max_length or use smaller images"
+                f"backend.max_length={o.max_length} leaves no room for a completion; a prompt is never cut through "
+                "an image: raise backend.max_length or use smaller images"
             )
         return HFContext(
             role=role, vt_mode=vt_mode if role == "teacher" else None,
@@ -376,10 +375,7 @@ class HFBackend(Backend):
         model = model or self.model
         if output_attentions:
             raise NotImplementedError("the HF backend does not return attentions (diagnostics use the mini backend)")
-        k, m = len(contexts), len(completions)
-        if k == 0 or m % k:
-            raise ValueError(f"{m} completions do not split evenly over {k} contexts")
-        g = m // k
+        m, g = len(completions), completions_per_context(contexts, completions)
         limit = self.options.max_length
         rows, keep = [], []
         for i, comp in enumerate(completions):
@@ -604,15 +600,6 @@ class HFBackend(Backend):
         return cls.prepare(model, processor, options, source=str(directory))
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`: this process's GPU (LOCAL_RANK under a launcher) when one is visible, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _checkpointing(model: nn.Module, lora: bool) -> None:
     """Recompute activations in backward (non-reentrant); with LoRA the frozen embeddings' outputs
     must require grad, or no gradient reaches the adapters."""
@@ -647,3 +634,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = key.replace(".base_layer.", ".")
             state[key] = merged.get(key, value).detach().contiguous()
     return state
+
+
+def open_folder(path: Path, options: HFOptions, resume: bool = False) -> HFBackend:
+    """The registry's entry (`backends/__init__.py`): `resume` continues a LoRA checkpoint's own adapter."""
+    return HFBackend.load(path, options, resume=resume)

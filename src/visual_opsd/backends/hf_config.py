@@ -1,4 +1,4 @@
-"""Options of the Hugging Face backend, as a config section (`model.hf.*` in SFT, `hf.*` in train).
+"""Options of the Hugging Face backend, a config's `backend:` section with `kind: hf`.
 
 Kept apart from `hf.py` so that loading a config never imports transformers.
 """
@@ -8,26 +8,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from visual_opsd.backends.base import FRAMING_TEXT, TRANSITION_TEXT, word_spaced
+
 HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 # LoRA on the language model's projections only (a plain name list would also catch the Qwen2.5-VL
 # vision MLP, whose layers are called gate_proj / up_proj / down_proj too)
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-DEFAULT_FRAMING = (
-    "Below are privileged visual references of intermediate reasoning steps . "
-    "Use them silently and never mention them ."
-)
-DEFAULT_TRANSITION = "Now reason step by step on your own ."
+# spaced for the tiny models' word-level tokenizer (their texts are the mini model's)
+DEFAULT_FRAMING, DEFAULT_TRANSITION = word_spaced(FRAMING_TEXT), word_spaced(TRANSITION_TEXT)
 
 
 @dataclass
 class HFOptions:
     """How to load, adapt and prompt a Hugging Face vision-language model."""
 
+    kind: Literal["hf"] = field(default="hf", metadata={"help": "backend family"})
     tiny: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"] | None = field(
         default=None, metadata={"help": "sft without init_from: build a tiny random model of this family (tests/demos)"}
     )
-    tiny_hidden: int = field(default=64, metadata={"help": "hf.tiny: width of the language model"})
-    tiny_layers: int = field(default=2, metadata={"help": "hf.tiny: layers of the language model"})
+    tiny_hidden: int = field(default=64, metadata={"help": "with tiny: width of the language model"})
+    tiny_layers: int = field(default=2, metadata={"help": "with tiny: layers of the language model"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "weight dtype when loading (bfloat16 on GPUs)"}
     )
@@ -55,10 +55,10 @@ class HFOptions:
 
     def __post_init__(self) -> None:
         if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("hf.lora_r >= 1, hf.lora_alpha > 0 and hf.lora_dropout in [0, 1)")
+            raise ValueError("backend.lora_r >= 1, backend.lora_alpha > 0 and backend.lora_dropout in [0, 1)")
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"hf.max_length must be >= 2 or null, got {self.max_length}")
+            raise ValueError(f"backend.max_length must be >= 2 or null, got {self.max_length}")
         if self.tiny_hidden < 8 or self.tiny_hidden % 8 or self.tiny_layers < 1:
-            raise ValueError("hf.tiny_hidden must be a multiple of 8 (>= 8) and hf.tiny_layers >= 1")
+            raise ValueError("backend.tiny_hidden must be a multiple of 8 (>= 8) and backend.tiny_layers >= 1")
         if self.max_vt_images < 0:
-            raise ValueError(f"hf.max_vt_images must be >= 0, got {self.max_vt_images}")
+            raise ValueError(f"backend.max_vt_images must be >= 0, got {self.max_vt_images}")

@@ -42,28 +42,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visual_opsd.backends.base import (
+    FRAMING_TEXT,
+    TRANSITION_TEXT,
     Backend,
     Context,
     Decoder,
     Interleaved,
-    NoiseVT,
     Role,
     Scores,
     Segment,
-    VTMode,
+    completions_per_context,
     next_token,
-    pick_vt_images,
+    word_spaced,
 )
 from visual_opsd.backends.mini_model import GEN, PAD, TEXT, UND, KVCache, MiniConfig, MiniUMM, Tokens
 from visual_opsd.sample import IMAGE_END, IMAGE_START, Sample
 from visual_opsd.tokenizer import Tokenizer
+from visual_opsd.vt import NoiseVT, VTMode, pick_vt_images
 
 FORMAT = "visual_opsd.mini"
-DEFAULT_FRAMING = (
-    "Below are privileged visual references of intermediate reasoning steps . "
-    "Use them silently and never mention them ."
-)
-DEFAULT_TRANSITION = "Now reason step by step on your own ."
+DEFAULT_FRAMING, DEFAULT_TRANSITION = word_spaced(FRAMING_TEXT), word_spaced(TRANSITION_TEXT)
 # The mode switch of the unified model: a plain context asks for a text-only answer (the student's
 # mode); this instruction after the question asks for interleaved reasoning with a drawn VT. Without
 # a switch, greedy decoding could not have both modes (docs/miniature.md).
@@ -71,6 +69,19 @@ DEFAULT_INTERLEAVED_PROMPT = "Think by drawing the path on the map ."
 # Pretraining (the BAGEL analogue, sft.py): describe a map with a drawn path, from the image alone
 CAPTION_PROMPT = "Describe this map and the red path drawn on it ."
 IGNORE = -100  # label of positions without a cross-entropy target
+
+
+@dataclass
+class MiniOptions:
+    """How a run opens a mini-model folder (a config's `backend:` section): nothing to choose, the
+    folder holds the whole model."""
+
+    kind: Literal["mini"] = field(default="mini", metadata={"help": "backend family"})
+
+
+def open_folder(path: Path, options: MiniOptions, resume: bool = False) -> MiniBackend:
+    """The registry's entry (`backends/__init__.py`)."""
+    return MiniBackend.load(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +324,10 @@ class MiniBackend(Backend):
     # heads read after it see the weights FSDP keeps gathered until the train loop reshards them
     supports_sharding = True
 
+    @property
+    def cell_px(self) -> int:
+        return int(self.cfg.patch_size)  # one patch per maze cell
+
     def __init__(
         self,
         model: MiniUMM,
@@ -447,10 +462,7 @@ class MiniBackend(Backend):
         output_attentions: bool = False,
     ) -> Scores:
         model = model or self.model
-        k, m = len(contexts), len(completions)
-        if k == 0 or m % k:
-            raise ValueError(f"{m} completions do not split evenly over {k} contexts")
-        g = m // k
+        m, g = len(completions), completions_per_context(contexts, completions)
         lengths = torch.tensor([len(c) for c in completions])
         T = max(1, int(lengths.max()))
         ids = torch.zeros(m, T, dtype=torch.long)

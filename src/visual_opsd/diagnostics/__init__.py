@@ -1,6 +1,6 @@
 """Diagnostics: do a unified model's visual thoughts (VTs) carry their weight?
 
-Three measurements (method.md section 1), each a plain function of a `Backend` and samples that
+Three measurements (docs/method.md section 1), each a plain function of a `Backend` and samples that
 returns a flat `/`-namespaced dict of numbers (verl-style), plus writers for JSON / markdown / PNG:
 
 - `interventions` (interventions.py): accuracy per task, with 95% Wilson intervals, when the VT the

@@ -32,8 +32,9 @@ import torch
 from PIL import Image
 
 from visual_opsd.backends.base import Backend, Context, Interleaved
-from visual_opsd.diagnostics.common import decode_interleaved, noise_image, summary, timed
+from visual_opsd.diagnostics.common import decode_interleaved, summary, timed
 from visual_opsd.sample import Sample
+from visual_opsd.vt import noise_image
 
 ATTENTION_SPANS: tuple[tuple[str, str, str], ...] = (
     # (name, query span, key span)

@@ -3,7 +3,6 @@ Gaussian-noise images, interleaved decoding in batches, and stage timing."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from visual_opsd.backends import is_bagel_folder
+from visual_opsd.backends import is_bagel_folder, open_backend
 from visual_opsd.backends.base import Backend, Interleaved
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import Task, get_task
@@ -35,19 +34,8 @@ def model_folder(path: str | Path) -> Path:
 
 
 def load_backend(path: str | Path) -> Backend:
-    """The backend saved at `path` (see `model_folder`): a BAGEL folder (the whole model, fp32, see
-    `backends.load_backend`), else chosen by the `format` of its config.json."""
-    folder = model_folder(path)
-    if is_bagel_folder(folder):
-        from visual_opsd.backends import load_backend as open_backend
-
-        return open_backend(folder)
-    fmt = json.loads((folder / "config.json").read_text()).get("format")
-    if fmt == "visual_opsd.mini":
-        from visual_opsd.backends.mini import MiniBackend
-
-        return MiniBackend.load(folder)
-    raise ValueError(f"{folder}: unknown model format {fmt!r} (known: visual_opsd.mini)")
+    """The backend saved at `path` (see `model_folder`), of any registered family, with its defaults."""
+    return open_backend(model_folder(path))
 
 
 def tasks_of(samples: Sequence[Sample]) -> dict[str, Task]:
@@ -79,16 +67,6 @@ def summary(values: Sequence[float], prefix: str) -> dict[str, float]:
     half = 1.96 * std / math.sqrt(n)
     return {f"{prefix}/mean": mean, f"{prefix}/std": std, f"{prefix}/ci95_lo": mean - half,
             f"{prefix}/ci95_hi": mean + half, f"{prefix}/n": n}
-
-
-def noise_image(size: tuple[int, int], generator: torch.Generator) -> Image.Image:
-    """An RGB image of `size` (width, height) whose pixels are N(0, 1) in the [-1, 1]-normalised pixel
-    space (value = 127.5 * (1 + z)), clamped to that range and quantised to 8 bits: a VT that is fed
-    back is an image, so noise goes in the way any VT does."""
-    w, h = size
-    z = torch.randn(h, w, 3, generator=generator)
-    arr = ((z.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (H, W, 3)
-    return Image.fromarray(arr.numpy(), "RGB")
 
 
 def pad_images(images: list[Image.Image], k: int, fallback: Image.Image) -> list[Image.Image]:

@@ -6,7 +6,7 @@ the model emits `<image_start>`:
 
     interleaved  the VT the model generates itself (`vt_steps` denoising steps);
     text_only    nothing: text-only decoding with image skip (an injected `<image_end>`, at most once);
-    noise        Gaussian noise of the generated VT's shape (`common.noise_image`, a fresh draw per VT);
+    noise        Gaussian noise of the generated VT's shape (`vt.noise_image`, a fresh draw per VT);
     shuffled     the VT the model generated (in `interleaved`) for another sample of the same image
                  size where possible, else for any other sample;
     oracle       the ground-truth VT from the data.
@@ -31,13 +31,13 @@ from visual_opsd.backends.base import Backend, Interleaved
 from visual_opsd.diagnostics.common import (
     decode_interleaved,
     group_indices,
-    noise_image,
     pad_images,
     tasks_of,
     timed,
 )
 from visual_opsd.sample import Sample
 from visual_opsd.stats import wilson_interval
+from visual_opsd.vt import noise_image, shuffled_partner
 
 INTERVENTION_MODES: tuple[str, ...] = ("interleaved", "text_only", "noise", "shuffled", "oracle")
 
@@ -136,17 +136,13 @@ def interventions(
 def shuffle_partners(
     samples: Sequence[Sample], generated: Sequence[Interleaved], generator: torch.Generator
 ) -> list[int | None]:
-    """For each sample, another sample whose generated trace holds a VT: one with a VT of the same
-    size when there is one, else any; None when no other sample generated a VT."""
-    with_vt = [j for j, g in enumerate(generated) if g.images]
-    partners: list[int | None] = []
-    for i in range(len(samples)):
-        size = generated[i].images[0].size if generated[i].images else samples[i].problem_images[0].size
-        others = [j for j in with_vt if j != i]
-        same = [j for j in others if generated[j].images[0].size == size]
-        pool = same or others
-        partners.append(pool[int(torch.randint(len(pool), (1,), generator=generator))] if pool else None)
-    return partners
+    """For each sample, another sample whose generated trace holds a VT (`vt.shuffled_partner`: one
+    with a VT of the same size when there is one, else any); None when no other sample generated a VT."""
+    candidates = [(s.id, g.images[0].size if g.images else None) for s, g in zip(samples, generated, strict=True)]
+    return [
+        shuffled_partner(s.id, g.images[0].size if g.images else s.problem_images[0].size, candidates, generator)
+        for s, g in zip(samples, generated, strict=True)
+    ]
 
 
 def _decode_text_only(backend: Backend, samples: list[Sample], max_new_tokens: int, batch_size: int):

@@ -58,6 +58,7 @@ from visual_opsd.backends.base import Backend, Context
 from visual_opsd.diagnostics.common import group_indices, summary, timed
 from visual_opsd.losses import generalized_jsd
 from visual_opsd.sample import Sample
+from visual_opsd.vt import teacher_contexts
 
 # completion sources, in the default order: identical tokens (the headline) first
 SOURCES = ("data", "student")
@@ -163,17 +164,8 @@ def contexts_for(
     backend: Backend, samples: Sequence[Sample], vt_mode: str = "data", seed: int = 0
 ) -> tuple[list[Context], list[Context]]:
     """(teacher contexts C_T, student contexts C_S). `shuffled` takes each sample's VTs from another
-    sample (a reproducible random choice); `noise` draws its noise from `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    teacher = []
-    for s in samples:
-        partner = None
-        if vt_mode == "shuffled":
-            others = [j for j in range(len(samples)) if samples[j].id != s.id]
-            if not others:
-                raise ValueError("vt_mode=shuffled needs at least two samples")
-            partner = samples[others[int(torch.randint(len(others), (1,), generator=gen))]]
-        teacher.append(backend.build_context(s, "teacher", vt_mode, shuffled_from=partner, generator=gen))
+    sample (`vt.shuffled_partner`, a reproducible draw); `noise` draws its noise from `seed`."""
+    teacher = teacher_contexts(backend, samples, samples, vt_mode, torch.Generator().manual_seed(seed))
     student = [backend.build_context(s, "student") for s in samples]
     return teacher, student
 

@@ -38,12 +38,13 @@ from typing import Any, Literal
 import torch
 
 from visual_opsd.backends.base import Backend
-from visual_opsd.config import ConfigError, to_dict
+from visual_opsd.config import to_dict
 from visual_opsd.diagnostics.attention import VT_KINDS, attention_fractions
 from visual_opsd.diagnostics.common import load_backend, model_folder
 from visual_opsd.diagnostics.interventions import INTERVENTION_MODES, interventions
 from visual_opsd.diagnostics.kl import SOURCES, check_sources, kl_diagnostic, kl_sanity, sources_of
 from visual_opsd.diagnostics.output import write_diagnostic
+from visual_opsd.errors import ConfigError
 from visual_opsd.sample import Sample
 
 WHATS = ("interventions", "attention", "kl")
@@ -159,13 +160,13 @@ def diagnose_samples(cfg: DiagnoseDataConfig, backend: Backend) -> list[Sample]:
         return out
     from visual_opsd.tasks import get_task
 
-    patch = getattr(getattr(backend, "cfg", None), "patch_size", 64)
+    patch = backend.cell_px
     samples = []
     for name in cfg.tasks:
         options = dict(cfg.options)
         if name == "maze":
             options.setdefault("sizes", tuple(cfg.sizes))
-            options.setdefault("cell_px", patch)  # one patch per maze cell
+            options.setdefault("cell_px", patch)  # one patch (or image token) per maze cell
         samples += get_task(name).generate(cfg.n or 32, seed=cfg.seed, split=cfg.split, **options)
     return samples
 

@@ -2,7 +2,7 @@
 
 A problem is an L x L frozen lake (grid symbols as VSP's tables: `@` elf start, `*` gift goal,
 `#` hole, `_` ice) shown only as an image; the answer is a comma-separated move list such as
-`R,D,D` (L/R/U/D), scored by the strict rule of `visual_opsd.vsp` unless asked otherwise.
+`R,D,D` (L/R/U/D), scored by the strict rule of `tasks/vsp_rules.py` unless asked otherwise.
 
 - Generator: L uniform in `sizes` (default 3..8, as VSP), start and goal distinct and anywhere,
   every other cell a hole with probability p, p drawn per map from `hole_prob` (default 0.05..0.25:
@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from visual_opsd.sample import Sample
 from visual_opsd.tasks.base import Task, register
-from visual_opsd.vsp import (
+from visual_opsd.tasks.vsp_rules import (
     GOAL,
     HOLE,
     LAND,

@@ -1,0 +1,32 @@
+"""Safe image decoding, shared by every loader (dataset rows, VSP folders).
+
+The size in the header is checked before any pixel memory is allocated (a decompression bomb
+or a zero-size image fails there), and the image is then decoded in full, so that a truncated
+file fails here and not in the middle of training.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+# 6144 x 6144: above any VT or benchmark image in use (VSP level 8 is 512 x 512), and small enough
+# that one decoded RGB image (113 MB) cannot exhaust a worker
+MAX_IMAGE_PIXELS = 6144 * 6144
+
+
+def decode_image(source: Path | bytes) -> Image.Image:
+    """The image at `source` (a path or the file's bytes), fully decoded, as RGB; ValueError when
+    it is empty or over `MAX_IMAGE_PIXELS`, PIL's errors when it is not a readable image."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise ValueError(f"zero-size image ({width}x{height})")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image of {width}x{height} = {width * height:,} pixels is over the limit of {MAX_IMAGE_PIXELS:,}"
+            )
+        img.load()
+        return img.convert("RGB")
