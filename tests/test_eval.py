@@ -200,18 +200,21 @@ def test_vsp_rules_reported_side_by_side(model, tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # no training curves here
 def test_demo_evaluation_stage_uses_the_shared_code(model, tmp_path):
     from visual_opsd.data import write_dataset
-    from visual_opsd.demo import SYSTEMS, _evaluate_systems, _write_report
+    from visual_opsd.demo import BASE_SYSTEMS, SYSTEMS, TRAINED_SYSTEMS, _evaluate_systems, _write_report
 
     out = tmp_path / "demo"
     write_dataset(get_task("maze").generate(3, seed=2, split="test", sizes=(3, 3), cell_px=4), out / "data" / "test")
     backend = MiniBackend.load(model)
     for folder in ("sft_teacher/final", "sft_text/final", "opsd/best/model", "opsd_noise/last/model"):
         backend.save(out / folder)
-    _evaluate_systems(out, {"warmup": 0, "max_new_tokens": 6}, progress=False)
+    # the demo's two evaluation stages: the base systems, then the trained ones, which write the whole table
+    _evaluate_systems(out, {"warmup": 0, "max_new_tokens": 6}, BASE_SYSTEMS)
+    _evaluate_systems(out, {"warmup": 0, "max_new_tokens": 6}, TRAINED_SYSTEMS)
     results = json.loads((out / "eval" / "results.json").read_text())
     assert list(results) == [name for name, _, _ in SYSTEMS]
     for name, r in results.items():
-        check_summary(r["tasks"]["maze"], read_jsonl(out / "eval" / "records" / f"{name}_maze.jsonl"))
+        folder = "eval" if name in TRAINED_SYSTEMS else "eval_base"
+        check_summary(r["tasks"]["maze"], read_jsonl(out / folder / "records" / f"{name}_maze.jsonl"))
     _write_report(out, {}, {"eval": 1.0})
     report = json.loads((out / "report.json").read_text())
     assert report["systems"]["opsd"]["tasks"]["maze"] == results["opsd"]["tasks"]["maze"]
