@@ -363,7 +363,7 @@ def test_vsp_dispatch(tmp_path):
 
 def test_unknown_layouts_fail_clearly(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(DataError, match=r"x\.csv.*expected \.jsonl or \.parquet"):
+    with pytest.raises(DataError, match=r"x\.csv.*expected \.jsonl, \.parquet or a VLMEvalKit \.tsv"):
         load_dataset(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError):
         load_dataset(tmp_path / "missing")

@@ -75,9 +75,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     validate = data_cmds.add_parser(
         "validate",
         help="check every row of a dataset; one line per bad row, non-zero exit if any",
-        description="Accepts a native dataset (folder or data.jsonl), a ThinkMorph parquet, or a VSP folder.",
+        description="Accepts a native dataset (folder or data.jsonl), a ThinkMorph parquet, a VSP folder or a "
+        "VLMEvalKit benchmark .tsv.",
     )
-    validate.add_argument("path", help="dataset folder, data.jsonl, .parquet file or VSP folder")
+    validate.add_argument("path", help="dataset folder, data.jsonl, .parquet file, VSP folder or VLMEvalKit .tsv")
     validate.add_argument("--max-vts", type=int, default=8, help="most VT images allowed per row (default 8)")
     validate.set_defaults(handler=_data_validate)
 

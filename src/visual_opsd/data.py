@@ -11,6 +11,7 @@ Formats `load_dataset` understands (it picks one from the path):
   structs `{"bytes", "path"}`) and thoughts `resoning_thought_k` (sic; `reasoning_thought_k` is
   accepted too). Read row group by row group, never the whole file at once.
 - **VSP** upstream folder `level{L}/{img,table,pure_text}/{i}.*`, via `visual_opsd.vsp`.
+- **VLMEvalKit TSV** benchmark files (`.tsv`: MMVP, SAT, BLINK, CV-Bench, ...), via `visual_opsd.vlmeval`.
 
 Every row goes through the same checks (`validate_rows`): JSON and types, required fields, empty
 text, image files that exist, stay inside the dataset folder and decode, at most `max_vts` VTs,
@@ -118,7 +119,7 @@ class LoadedSamples(list[Sample]):
 
 
 def dataset_format(path: str | os.PathLike) -> str:
-    """The format of the dataset at `path`: "native", "parquet" or "vsp" (`DataError` if none)."""
+    """The format of the dataset at `path`: "native", "parquet", "tsv" or "vsp" (`DataError` if none)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such dataset: {p}")
@@ -127,7 +128,9 @@ def dataset_format(path: str | os.PathLike) -> str:
             return "native"
         if p.suffix == ".parquet":
             return "parquet"
-        raise DataError("not a dataset file (expected .jsonl or .parquet)", file=p)
+        if p.suffix == ".tsv":
+            return "tsv"
+        raise DataError("not a dataset file (expected .jsonl, .parquet or a VLMEvalKit .tsv)", file=p)
     if (p / NATIVE_FILE).is_file():
         return "native"
     if any(d.is_dir() and (d / "table").is_dir() for d in p.glob("level*")):
@@ -316,6 +319,8 @@ def _scan(path: Path, *, max_vts: int, allow_outside: bool) -> Iterator[tuple[Sa
         rows: Iterator[_Row] = _scan_native(jsonl, max_vts, allow_outside)
     elif fmt == "parquet":
         rows = (r for f in _parquet_files(path) for r in _scan_parquet(f, max_vts, allow_outside))
+    elif fmt == "tsv":
+        rows = _scan_tsv(path, max_vts, allow_outside)
     else:
         rows = _scan_vsp(path, max_vts, allow_outside)
 
@@ -718,3 +723,20 @@ def _scan_vsp(path: Path, max_vts: int, allow_outside: bool) -> Iterator[_Row]:
             sample.id, file, sample.question, sample.answer, len(sample.vt_images), len(sample.thoughts), max_vts
         )
         yield _Row(sample.id, f"item {i}", file, sample.id, None if errors else sample, errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# VLMEvalKit TSV files (parsing lives in visual_opsd.vlmeval; here only the shared checks apply)
+
+
+def _scan_tsv(path: Path, max_vts: int, allow_outside: bool) -> Iterator[_Row]:
+    from visual_opsd.vlmeval import scan_tsv
+
+    file = str(path)
+    for row in scan_tsv(path, allow_outside=allow_outside):
+        label = row.index if row.index is not None else row.position
+        errors = [RowError(label, column, reason, file) for column, reason in row.problems]
+        sample = row.sample
+        if sample is not None:
+            errors += _check_content(label, file, sample.question, sample.answer, 0, 0, max_vts)
+        yield _Row(label, row.position, file, row.index, None if errors else sample, errors)
