@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from visual_opsd.backends import backend_kind, hf_compat, maze_cell_px, open_backend  # noqa: E402
+from visual_opsd.backends import backend_kind, hf_compat, open_backend  # noqa: E402
 from visual_opsd.backends.hf import HFBackend, merged_state_dict, unwrap  # noqa: E402
 from visual_opsd.backends.hf_config import HFOptions  # noqa: E402
 from visual_opsd.backends.hf_tiny import FAMILIES, tiny_model  # noqa: E402
@@ -454,7 +454,7 @@ def test_open_backend_dispatch_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not a model folder"):
         backend_kind(tmp_path)
     backend = HFBackend.tiny("llava")
-    assert maze_cell_px(backend) == 8 and maze_cell_px(HFBackend.tiny("qwen2_vl")) == 8
+    assert backend.cell_px == 8 and HFBackend.tiny("qwen2_vl").cell_px == 8
     with pytest.raises(NotImplementedError, match="eval.modes"):
         backend.generate_interleaved([])
     with pytest.raises(ValueError, match="tiny_hidden"):

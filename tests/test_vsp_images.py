@@ -16,7 +16,6 @@ import pytest
 from helpers import VSP_EXAMPLES
 from PIL import Image
 
-from visual_opsd.backends import maze_cell_px
 from visual_opsd.backends.mini import MiniBackend, fit_image, patchify
 from visual_opsd.evaluate import _load_vsp
 from visual_opsd.tasks.maze import (
@@ -99,7 +98,7 @@ def mini() -> MiniBackend:
 
 
 def test_vsp_maps_reach_the_mini_model_as_one_patch_per_cell(mini):
-    cell = maze_cell_px(mini)
+    cell = mini.cell_px
     assert cell == 4
     samples = _load_vsp(str(VSP_EXAMPLES), cell)  # the evaluation's VSP loader, at the backend's cell size
     assert sorted(s.metadata["level"] for s in samples) == list(LEVELS)

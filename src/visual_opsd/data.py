@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from visual_opsd.errors import DataError
-from visual_opsd.images import decode_image
+from visual_opsd.images import checked_image_path, decode_image, image_path_problem
 from visual_opsd.sample import Sample
 
 logger = logging.getLogger(__name__)
@@ -400,18 +400,6 @@ def _type_ok(value: Any, spec: str) -> bool:
     return False
 
 
-def _image_path_problem(rel: str, allow_outside: bool) -> str | None:
-    if not rel:
-        return "empty path"
-    if allow_outside:
-        return None
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
-        return f"absolute path {rel!r} not allowed (paths are relative to the dataset folder)"
-    if os.path.normpath(rel).split(os.sep)[0] == "..":
-        return f"path {rel!r} leaves the dataset folder"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Native JSONL
 
@@ -472,7 +460,7 @@ def _parse_native(raw: bytes, where: str, base: Path, file: str, max_vts: int, a
     for key, rels in paths.items():
         for k, rel in enumerate(rels):
             field_name = f"{key}[{k}]"
-            problem = _image_path_problem(rel, allow_outside)
+            problem = image_path_problem(rel, allow_outside)
             if problem is None and not (base / rel).is_file():
                 problem = f"image file not found: {rel}"
             if problem is None and not allow_outside and not (base / rel).resolve().is_relative_to(base.resolve()):
@@ -697,12 +685,7 @@ def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.
     if data:
         return decode_image(bytes(data))
     if path:
-        problem = _image_path_problem(path, allow_outside)
-        if problem:
-            raise ValueError(problem)
-        if not allow_outside and not (base / path).resolve().is_relative_to(base.resolve()):
-            raise ValueError(f"path {path!r} leaves the dataset folder through a symbolic link")
-        return decode_image(base / path)
+        return decode_image(checked_image_path(base, path, allow_outside))
     raise ValueError("image cell holds neither bytes nor a path")
 
 

@@ -223,7 +223,7 @@ def _train_job(name: str, cfg) -> None:
 def _job_entry(name: str, job: Job, results) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # so the evaluation's latencies are one thread's
     t0 = time.perf_counter()
     fn, args = job
     fn(*args)
@@ -286,13 +286,10 @@ def _evaluate_systems(out: Path, options: dict, names: tuple[str, ...]) -> None:
     (the code behind `visual-opsd eval`). The base systems go to eval_base/ (results.json,
     records/); the trained ones to eval/, which then holds results.json, results.md and pareto.png
     of every system."""
-    import torch
-
     from visual_opsd.data import load_dataset
     from visual_opsd.evaluate import Benchmark, System, evaluate_systems, write_results
     from visual_opsd.tasks import get_task
 
-    torch.set_num_threads(1)  # the latencies are one thread's, whether run beside another stage or alone
     # the test mazes were rendered once, at the teacher's patch size, for every system
     test = [Benchmark("maze", get_task("maze"), list(load_dataset(out / "data" / "test")))]
     systems = [System(name, str(_selected_model(out, stage)), mode) for name, stage, mode in SYSTEMS if name in names]

@@ -484,7 +484,6 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
     """The benchmarks of `cfg` for a backend: a dataset (path), generated tasks and VSP maps. Generated
     mazes and VSP maps are rendered at the backend's cell size, built once per size; every size gives
     the same maps, so all systems see the same problems."""
-    from visual_opsd.backends import maze_cell_px
     from visual_opsd.errors import DataError
     from visual_opsd.tasks import get_task
 
@@ -499,7 +498,7 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
     cache: dict[int, list[Benchmark]] = {}
 
     def build(backend: Backend) -> list[Benchmark]:
-        cell = maze_cell_px(backend)
+        cell = backend.cell_px
         if cell not in cache:
             benches = list(from_path)
             if not d.path:

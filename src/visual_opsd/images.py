@@ -8,6 +8,7 @@ file fails here and not in the middle of training.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -30,3 +31,29 @@ def decode_image(source: Path | bytes) -> Image.Image:
             )
         img.load()
         return img.convert("RGB")
+
+
+def image_path_problem(rel: str, allow_outside: bool) -> str | None:
+    """Why an image path written in a dataset file may not be read (empty, absolute, or leaving
+    the dataset folder by `..`, unless `allow_outside`), or None. Symbolic links are
+    `checked_image_path`'s business: they need the folder."""
+    if not rel:
+        return "empty path"
+    if allow_outside:
+        return None
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
+        return f"absolute path {rel!r} not allowed (paths are relative to the dataset folder)"
+    if os.path.normpath(rel).split(os.sep)[0] == "..":
+        return f"path {rel!r} leaves the dataset folder"
+    return None
+
+
+def checked_image_path(base: Path, rel: str, allow_outside: bool) -> Path:
+    """`base / rel` for an image path from a dataset file in folder `base`; ValueError when
+    `image_path_problem` has one, or when the path leaves `base` through a symbolic link."""
+    problem = image_path_problem(rel, allow_outside)
+    if problem:
+        raise ValueError(problem)
+    if not allow_outside and not (base / rel).resolve().is_relative_to(base.resolve()):
+        raise ValueError(f"path {rel!r} leaves the dataset folder through a symbolic link")
+    return base / rel

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from visual_opsd.backends import BackendOptions, maze_cell_px, open_backend
+from visual_opsd.backends import BackendOptions, open_backend
 from visual_opsd.backends.base import SupportsSFT
 from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.backends.mini import (
@@ -343,7 +343,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     if not isinstance(backend, SupportsSFT):
         raise ConfigError(f"sft: the {type(backend).__name__} backend has no SFT examples (training_row / "
                           "sft_losses); fine-tune it with its own tools and start `train` from the result")
-    patch = maze_cell_px(backend)
+    patch = backend.cell_px
     train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
     if cfg.data.trace in ("interleaved", "vt_caption") and not any(s.vt_images for s in train):
         raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")

@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from visual_opsd.backends import BackendOptions, maze_cell_px, open_backend
+from visual_opsd.backends import BackendOptions, open_backend
 from visual_opsd.backends.base import Backend, Context
 from visual_opsd.budget import LimitsConfig, check_budget, memory_gib
 from visual_opsd.checkpoint import atomic_dir, remove_stale_temporaries, resolve_checkpoint
@@ -368,13 +368,13 @@ def run_train(cfg: TrainConfig) -> Path:
             prompts = batch_indices(len(run.train), step, cfg.optim.prompts_per_step, cfg.seed)
             # 1. rollouts: every micro-batch's first, so the loss's denominator is known before any backward
             windows = rollouts(run, run.dist.shard(prompts), step_seed(cfg.seed, step, 0, run.dist.rank), times)
-            normalizer, tokens = loss_denominator(run, windows)
+            normalizer, tokens, local_tokens = loss_denominator(run, windows)
             # 2-3. teacher scores (privileged VT context), student scores, JSD loss, backward
             loss = distill_backward(run, windows, normalizer, step_seed(cfg.seed, step, 1, run.dist.rank), times)
             # 4. optimizer step (skipped when not finite), then the teacher update
             grad_norm, finite = update(run, loss, times)
             # 5. metrics, validation, checkpoint
-            record = step_record(run, done, windows, loss, grad_norm, tokens, times)
+            record = step_record(run, done, windows, loss, grad_norm, tokens, local_tokens, times)
             if not finite:
                 skip_step(run, done, record, [run.train[i].id for i in prompts], loss, grad_norm)
             elif run.val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
@@ -408,7 +408,7 @@ def open_run(cfg: TrainConfig) -> Run:
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     backend = open_backend(resume / "model" if resume else cfg.init_from, cfg.backend, resume=resume is not None)
     task = get_task(cfg.data.task)
-    patch = maze_cell_px(backend)
+    patch = backend.cell_px
     train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
     micro = prompts_per_rank(cfg.optim, dist.world) // cfg.optim.grad_accum
     check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
@@ -446,15 +446,16 @@ def rollouts(run: Run, idx: list[int], gen: torch.Generator, times: dict[str, fl
     return windows
 
 
-def loss_denominator(run: Run, windows: list[Window]) -> tuple[torch.Tensor, int]:
-    """(the loss's normaliser, the step's completion tokens), both over all micro-batches and ranks
-    (all-reduces): the step's completions for `sequence_mean`, its tokens for `token_mean`."""
+def loss_denominator(run: Run, windows: list[Window]) -> tuple[torch.Tensor, int, int]:
+    """(the loss's normaliser, the step's completion tokens, this rank's), the first two over all
+    micro-batches and ranks (all-reduces): the normaliser counts the step's completions for
+    `sequence_mean`, its tokens for `token_mean`."""
     length = max(max((len(i) for i in w.rollout.ids), default=0) for w in windows)
     masks = [w.rollout.loss_mask(length).to(run.dist.device) for w in windows]  # the process group's device
     token_count = global_token_count(masks)
     normalizer = (token_count.clamp(min=1) if run.cfg.loss.reduction == "token_mean"
                   else loss_normalizer(masks, run.cfg.loss.reduction))
-    return normalizer.to(run.device), int(token_count)
+    return normalizer.to(run.device), int(token_count), int(sum(int(m.sum()) for m in masks))
 
 
 def distill_backward(run: Run, windows: list[Window], normalizer: torch.Tensor, gen_vt: torch.Generator,
@@ -491,15 +492,13 @@ def update(run: Run, loss: float, times: dict[str, float]) -> tuple[float, bool]
 
 
 def step_record(run: Run, done: int, windows: list[Window], loss: float, grad_norm: float, tokens: int,
-                times: dict[str, float]) -> dict[str, Any]:
+                local_tokens: int, times: dict[str, float]) -> dict[str, Any]:
     """The step's row of metrics.jsonl: loss, lr, gradient norm, tokens, rollout statistics (means
     over ranks), memory of the fullest rank, time per phase."""
     record: dict[str, Any] = {"step": done, "lr": lr_at(done - 1, run.cfg.optim), "loss": loss,
                               "grad_norm": float(grad_norm), "tokens": tokens}
     if run.dist.world > 1:
-        local = sum(int(w.rollout.loss_mask(max((len(i) for i in w.rollout.ids), default=0)).sum())
-                    for w in windows)
-        record["tokens/per_rank"] = run.dist.gather_int(local)
+        record["tokens/per_rank"] = run.dist.gather_int(local_tokens)
     stats: dict[str, float] = {}
     for w in windows:
         for k, v in w.rollout.stats(run.task).items():

@@ -26,7 +26,6 @@ import base64
 import binascii
 import csv
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from visual_opsd.images import decode_image
+from visual_opsd.images import checked_image_path, decode_image
 from visual_opsd.sample import Sample
 
 OPTION_COLUMNS = tuple("ABCDEFGHIJ")
@@ -77,16 +76,6 @@ def _decode_base64(text: str) -> Image.Image:
     except (binascii.Error, ValueError):
         raise ValueError("not base64 image data") from None
     return decode_image(data)
-
-
-def _path_inside(folder: Path, rel: str, allow_outside: bool) -> Path:
-    path = Path(rel)
-    if not allow_outside and (path.is_absolute() or os.path.normpath(rel).split(os.sep)[0] == ".."):
-        raise ValueError(f"image path {rel!r} leaves the dataset folder")
-    full = folder / path
-    if not allow_outside and not full.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"image path {rel!r} leaves the dataset folder through a symbolic link")
-    return full
 
 
 def scan_tsv(file: Path, allow_outside: bool = False) -> Iterator[TSVRow]:
@@ -163,4 +152,4 @@ def _row_images(row: dict, file: Path, by_index: dict, allow_outside: bool) -> l
     paths = (row.get("image_path") or "").strip()
     if not paths:
         return []
-    return [decode_image(_path_inside(file.parent, rel, allow_outside)) for rel in _image_cells(paths)]
+    return [decode_image(checked_image_path(file.parent, rel, allow_outside)) for rel in _image_cells(paths)]

@@ -68,9 +68,14 @@ def pick_vt_images(
     return images[:max_images]
 
 
+def vt_size(sample: Sample) -> tuple[int, int] | None:
+    """The size of the sample's first VT, None when it has none."""
+    return sample.vt_images[0].size if sample.vt_images else None
+
+
 def vt_candidates(samples: Sequence[Sample]) -> list[Candidate]:
     """`shuffled_partner`'s candidates for the samples' own (data) VTs."""
-    return [(s.id, s.vt_images[0].size if s.vt_images else None) for s in samples]
+    return [(s.id, vt_size(s)) for s in samples]
 
 
 def shuffled_partner(
@@ -97,7 +102,7 @@ def teacher_contexts(
     for s in samples:
         partner = None
         if vt_mode == "shuffled":
-            j = shuffled_partner(s.id, vt_candidates([s])[0][1], candidates, generator)
+            j = shuffled_partner(s.id, vt_size(s), candidates, generator)
             if j is None:
                 raise ValueError(f"vt_mode=shuffled: no sample other than {s.id!r} has VTs to lend it")
             partner = pool[j]

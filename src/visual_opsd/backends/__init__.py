@@ -107,8 +107,3 @@ def open_backend(path: str | Path, options: Any = None, resume: bool = False) ->
         raise ConfigError(f"backend.kind is {getattr(options, 'kind', None)!r} but {path} is a {family.kind} "
                           f"model folder; set backend.kind={family.kind} or drop the backend section")
     return importlib.import_module(family.module).open_folder(Path(path), options, resume)
-
-
-def maze_cell_px(backend: Backend) -> int:
-    """Pixels per maze cell that give the backend one image patch / token per cell."""
-    return int(backend.cell_px)
