@@ -15,6 +15,7 @@ module imports another test module.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -278,3 +280,37 @@ def write_after(path: str, *needed: str) -> None:
 
 def fail_stage() -> None:
     raise RuntimeError("this stage fails")
+
+
+# ThinkMorph's parquet layout: an HF Image cell is a {bytes, path} struct
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_cell(img: Image.Image | None, fmt: str = "PNG"):
+    return None if img is None else {"bytes": image_bytes(img, fmt), "path": None}
+
+
+def thinkmorph_table(rows: list[dict]) -> pa.Table:
+    """ThinkMorph's columns (problem image, thoughts spelt "resoning", up to 8 VTs) for `rows`."""
+    columns = {
+        "pid": pa.string(),
+        "question": pa.string(),
+        "answer": pa.string(),
+        "problem_image_0": IMAGE_TYPE,
+        "resoning_thought_0": pa.string(),
+        "reasoning_image_0": IMAGE_TYPE,
+        "resoning_thought_1": pa.string(),
+        "task": pa.string(),
+        "full_text_only_thought": pa.string(),
+    }
+    for k in range(1, 8):
+        columns[f"reasoning_image_{k}"] = IMAGE_TYPE
+        columns[f"resoning_thought_{k + 1}"] = pa.string()
+    schema = pa.schema(list(columns.items()))
+    return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)

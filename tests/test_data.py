@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import VSP_EXAMPLES, pixels, random_image
-from PIL import Image
+from helpers import VSP_EXAMPLES, image_bytes, image_cell, pixels, random_image, thinkmorph_table
 
 from visual_opsd.data import (
     NATIVE_FILE,
@@ -26,12 +24,6 @@ from visual_opsd.data import (
     write_dataset,
 )
 from visual_opsd.sample import Sample
-
-
-def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def _samples() -> list[Sample]:
@@ -119,8 +111,8 @@ def _broken_dataset(root: Path) -> tuple[Path, dict[str, str]]:
     ds = write_dataset([Sample(id="good", task="", question="Q", answer="A", vt_images=[random_image(1)])], root / "ds")
     good_png = "images/good_vt_0.png"
     (ds / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    (ds / "images" / "truncated.png").write_bytes(_png_bytes(random_image(9, size=(64, 64)))[:300])
-    (root / "outside.png").write_bytes(_png_bytes(random_image(5)))
+    (ds / "images" / "truncated.png").write_bytes(image_bytes(random_image(9, size=(64, 64)))[:300])
+    (root / "outside.png").write_bytes(image_bytes(random_image(5)))
 
     def row(**fields):
         return json.dumps({"question": "Q", "answer": "A", **fields})
@@ -234,44 +226,18 @@ def test_make_command(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- ThinkMorph parquet
 
-_IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-
-
-def _cell(img: Image.Image | None, fmt: str = "PNG"):
-    return None if img is None else {"bytes": _png_bytes(img, fmt), "path": None}
-
-
-def _thinkmorph_table(rows: list[dict]) -> pa.Table:
-    columns = {
-        "pid": pa.string(),
-        "question": pa.string(),
-        "answer": pa.string(),
-        "problem_image_0": _IMAGE_TYPE,
-        "resoning_thought_0": pa.string(),
-        "reasoning_image_0": _IMAGE_TYPE,
-        "resoning_thought_1": pa.string(),
-        "task": pa.string(),
-        "full_text_only_thought": pa.string(),
-    }
-    for k in range(1, 8):
-        columns[f"reasoning_image_{k}"] = _IMAGE_TYPE
-        columns[f"resoning_thought_{k + 1}"] = pa.string()
-    schema = pa.schema(list(columns.items()))
-    return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
-
-
-def _thinkmorph_row(i: int, n_vts: int, task: str = "Jigsaw_Assembly") -> dict:
+def _thinkmorph_row(i: int, n_vts: int, task: str = "Geometry_Sketch") -> dict:
     row = {
         "pid": f"tm-{i}",
         "question": f"question {i}",
         "answer": "<answer>\\boxed{D,R}</answer>",
-        "problem_image_0": _cell(random_image(100 + i)),
+        "problem_image_0": image_cell(random_image(100 + i)),
         "task": task,
         "full_text_only_thought": f"text only {i}",
         "resoning_thought_0": "before",
     }
     for k in range(n_vts):
-        row[f"reasoning_image_{k}"] = _cell(random_image(200 + 10 * i + k))
+        row[f"reasoning_image_{k}"] = image_cell(random_image(200 + 10 * i + k))
         row[f"resoning_thought_{k + 1}"] = f"after {k}"
     return row
 
@@ -279,14 +245,14 @@ def _thinkmorph_row(i: int, n_vts: int, task: str = "Jigsaw_Assembly") -> dict:
 def test_parquet_round_trip(tmp_path):
     path = tmp_path / "train.parquet"
     rows = [_thinkmorph_row(i, n_vts) for i, n_vts in enumerate([1, 8, 3, 0, 1])]
-    rows[3]["problem_image_0"] = _cell(random_image(5, size=(16, 16)), "JPEG")
-    pq.write_table(_thinkmorph_table(rows), path, row_group_size=2)  # several row groups
+    rows[3]["problem_image_0"] = image_cell(random_image(5, size=(16, 16)), "JPEG")
+    pq.write_table(thinkmorph_table(rows), path, row_group_size=2)  # several row groups
     assert dataset_format(path) == "parquet"
     loaded = load_dataset(path)
     assert [s.id for s in loaded] == [f"tm-{i}" for i in range(5)]
     for i, (s, n_vts) in enumerate(zip(loaded, [1, 8, 3, 0, 1], strict=True)):
         assert s.answer == "D,R"
-        assert s.task == "Jigsaw_Assembly"  # not ours: kept as-is
+        assert s.task == "Geometry_Sketch"  # not ours: kept as-is
         assert s.question == f"question {i}" and s.text_only_trace == f"text only {i}"
         assert len(s.vt_images) == n_vts and len(s.thoughts) == n_vts + 1
         assert s.thoughts == ["before", *[f"after {k}" for k in range(n_vts)]]
@@ -298,7 +264,7 @@ def test_parquet_round_trip(tmp_path):
     assert loaded[3].problem_images[0].size == (16, 16)  # JPEG decoded too
     # a folder of parquet files (nested, as HF repos lay them out) loads them all, in path order
     (tmp_path / "data").mkdir()
-    pq.write_table(_thinkmorph_table([_thinkmorph_row(9, 1)]), tmp_path / "data" / "test-0.parquet")
+    pq.write_table(thinkmorph_table([_thinkmorph_row(9, 1)]), tmp_path / "data" / "test-0.parquet")
     assert [s.id for s in load_dataset(tmp_path)] == ["tm-9", *[f"tm-{i}" for i in range(5)]]
     # more VTs than allowed is a row error
     assert {e.row_id for e in validate_rows(path, max_vts=4)} == {"tm-1"}
@@ -308,12 +274,12 @@ def test_parquet_bad_rows(tmp_path):
     rows = [_thinkmorph_row(i, 1) for i in range(6)]
     rows[0]["reasoning_image_0"] = {"bytes": b"not an image", "path": None}
     rows[1]["question"] = None
-    rows[2]["reasoning_image_2"] = _cell(random_image(1))  # image 2 without image 1
+    rows[2]["reasoning_image_2"] = image_cell(random_image(1))  # image 2 without image 1
     rows[2]["resoning_thought_3"] = "x"
     rows[3]["pid"] = None
     rows[4]["resoning_thought_1"] = None  # one VT but one thought
     path = tmp_path / "bad.parquet"
-    pq.write_table(_thinkmorph_table(rows), path)
+    pq.write_table(thinkmorph_table(rows), path)
     found = {(e.row_id, e.field) for e in validate_rows(path)}
     assert ("tm-0", "reasoning_image_0") in found
     assert ("tm-1", "question") in found
@@ -332,7 +298,7 @@ def test_parquet_bad_rows(tmp_path):
 
 def test_thinkmorph_navigation_rows_load_as_maze(tmp_path):
     path = tmp_path / "nav.parquet"
-    pq.write_table(_thinkmorph_table([_thinkmorph_row(0, 1, task="Spatial_Navigation")]), path)
+    pq.write_table(thinkmorph_table([_thinkmorph_row(0, 1, task="Spatial_Navigation")]), path)
     (sample,) = load_dataset(path)
     assert sample.task == "maze" and sample.answer == "D,R"
 
@@ -346,7 +312,8 @@ def test_answer_and_task_mapping():
     assert strip_answer("\\boxed{A} or \\boxed{B}") == "\\boxed{A} or \\boxed{B}"
     assert thinkmorph_task_name("Spatial_Navigation") == "maze"
     assert thinkmorph_task_name("spatial navigation") == "maze"
-    assert thinkmorph_task_name("Chart_Refocus") == "Chart_Refocus"
+    assert thinkmorph_task_name("Chart_Refocus") == "short_answer"
+    assert thinkmorph_task_name("Geometry_Sketch") == "Geometry_Sketch"
     assert thinkmorph_task_name(None) == ""
 
 

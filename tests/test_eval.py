@@ -134,8 +134,9 @@ def test_eval_on_a_dataset_folder(model, tmp_path):
     argv = ["eval", "--system", f"m={model}", "--data", str(tmp_path / "d"), "--n", "2", "--out", str(out)]
     assert main(argv + FAST) == 0
     system = json.loads((out / "results.json").read_text())["m"]
-    assert set(system["tasks"]) == {"maze"} and system["tasks"]["maze"]["n"] == 2
-    assert [r["id"] for r in read_jsonl(out / "records" / "m_maze.jsonl")] == ["maze-val-0", "maze-val-1"]
+    assert set(system["tasks"]) == {"d"} and system["tasks"]["d"]["n"] == 2  # a column per dataset, named by it
+    records = read_jsonl(out / "records" / "m_d.jsonl")
+    assert [r["id"] for r in records] == ["maze-val-0", "maze-val-1"] and {r["task"] for r in records} == {"maze"}
 
 
 def test_eval_on_vsp_maps_per_level(model, tmp_path):
@@ -358,7 +359,7 @@ def test_text_mode_ends_at_image_start_unless_skips_are_allowed(model, tmp_path,
             "40",
         ]
         assert main(argv) == 0
-        (record,) = read_jsonl(out / "records" / "m_maze.jsonl")
+        (record,) = read_jsonl(out / "records" / "m_d.jsonl")
         assert record["correct"] is correct and record["prediction"].count("<image_start>") == 1
         assert json.loads((out / "config.json").read_text())["image_skips"] == len(flags) // 2
         assert ("one text round, no image skip" in (out / "results.md").read_text()) is correct

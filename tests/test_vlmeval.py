@@ -8,13 +8,16 @@ import io
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from helpers import random_image, save_tiny_mini
+from helpers import image_cell, random_image, save_tiny_mini, thinkmorph_table
 
 from visual_opsd.cli import main
 from visual_opsd.data import dataset_format, load_dataset, validate_command, validate_rows
 from visual_opsd.errors import DataError
 from visual_opsd.tasks import get_task
+from visual_opsd.tasks.choice import answer_letter, options_in_question
+from visual_opsd.vlmeval import headline
 
 HEADER = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category"]
 
@@ -54,12 +57,16 @@ def test_tsv_rows_become_samples(tmp_path):
     assert [s.id for s in samples] == ["MMVP-0", "MMVP-1", "MMVP-2", "MMVP-3"]
     first, pair, reused, short = samples
     assert first.task == "multiple_choice" and first.choices == ["cat", "dog", "car", "cup"] and first.answer == "B"
-    assert first.question == "Hint: Look left.\nWhich is red?"
+    # asked as VLMEvalKit's ImageMCQDataset asks; a short-answer row by its question alone
+    assert first.question == ("Hint: Look left.\nQuestion: Which is red?\nOptions:\nA. cat\nB. dog\nC. car\nD. cup\n"
+                              "Please select the correct answer from the options above. \n")
+    assert first.metadata["vlmeval_row"] == {k: str(v) for k, v in good_rows()[0].items() if k != "image"}
     assert first.metadata["category"] == "color" and first.metadata["l2-category"] == "perception"
     assert first.metadata["benchmark"] == "MMVP"
     assert [im.size for im in pair.problem_images] == [(16, 12), (8, 8)] and pair.choices == ["yes", "no"]
     assert (np.asarray(reused.problem_images[0]) == np.asarray(first.problem_images[0])).all()
     assert short.task == "short_answer" and short.choices is None and short.answer == "12"
+    assert short.question == "How many bars?"
     assert validate_rows(path) == []
 
 
@@ -152,14 +159,157 @@ def test_benchmark_tasks_have_no_generator():
         get_task("multiple_choice").generate(2, seed=0)
 
 
-def test_eval_runs_on_a_tsv_file(tmp_path):
-    """`visual-opsd eval --data FILE.tsv` with the miniature model: every row decoded and scored."""
+def _records(verdicts, **columns):
+    """Records as `evaluate` writes them: "correct", plus per-row columns (index, source, ...)."""
+    return [{"correct": v, **{k: col[i] for k, col in columns.items()}} for i, v in enumerate(verdicts)]
+
+
+def test_circular_sets_count_a_question_only_when_every_rotation_is_right():
+    # questions 0 and 1, each with two rotated copies (index + k * 1e6); question 1 misses one rotation
+    index = [0, 1_000_000, 2_000_000, 1, 1_000_001, 2_000_001]
+    out = headline("SAT_circular", _records([True, True, True, True, False, True], index=index))
+    assert out["accuracy"] == 50.0 and out["n"] == 2 and out["rule"].startswith("circular")
+    assert out["per_row"]["accuracy"] == pytest.approx(500 / 6) and out["per_row"]["n"] == 6
+    # a rotation whose question's own row is missing is left out, as VLMEvalKit does
+    out = headline("SAT_circular", _records([True, True, False], index=[0, 1_000_000, 1_000_007]))
+    assert out["n"] == 1 and out["accuracy"] == 100.0
+    # no rotated copies: rows pooled
+    assert headline("SAT", _records([True, False], index=[0, 1]))["rule"] == "pooled over rows"
+
+
+def test_mmvp_is_per_question_with_pair_accuracy_beside():
+    out = headline("MMVP", _records([True, True, True, False], index=[3, 4, 1, 2]))
+    assert out["accuracy"] == 75.0 and out["rule"] == "per question (MMVP)"
+    assert out["pairs"]["accuracy"] == 50.0 and out["pairs"]["n"] == 2  # pairs by index: (1, 2) and (3, 4)
+
+
+def test_cv_bench_2d_averages_its_sources_and_3d_pools():
+    verdicts = [True, True, True, False, False, False, False, False]  # ADE20K 3 of 4, COCO 0 of 4
+    source = ["ADE20K", "ADE20K", "ADE20K", "ADE20K", "COCO", "COCO", "COCO", "COCO"]
+    out = headline("CV-Bench-2D", _records(verdicts, source=source))
+    assert out["accuracy"] == pytest.approx((75.0 + 0.0) / 2) and set(out["sources"]) == {"ADE20K", "COCO"}
+    lo, hi = out["ci95"]
+    assert 0 <= lo < out["accuracy"] < hi <= 100
+    unequal = headline("CV-Bench-2D", _records([True, False, False, False], source=["a", "b", "b", "b"]))
+    assert unequal["accuracy"] == 50.0  # the mean of 100% and 0%, not the pooled 25%
+    pooled = headline("CV-Bench-3D", _records([True, False, False, False], source=["a", "b", "b", "b"]))
+    assert pooled["accuracy"] == 25.0
+
+
+@pytest.mark.parametrize(
+    ("question", "options"),
+    [
+        ("Which piece fits?\n(A) 1 2 3\n(B) 3 2 1\n(C) 2 1 3", ["1 2 3", "3 2 1", "2 1 3"]),
+        ("What colour is the cup? (A) red (B) blue", ["red", "blue"]),
+        ("Pick one. (B) is wrong (A) cat (B) dog", ["cat", "dog"]),  # a "(B)" before "(A)" is text
+        ("No options here (A) only one", None),
+        ("Nothing at all", None),
+    ],
+)
+def test_options_written_into_the_question(question, options):
+    assert options_in_question(question) == options
+
+
+def test_answer_letter_of_a_reference_answer():
+    choices = ["red", "blue"]
+    assert [answer_letter(a, choices) for a in ("B", "(B)", "B.", "blue", "Blue ", "green", "C")] == \
+        ["B", "B", "B", "B", None, None, None]
+
+
+def _four_task_rows():
+    """One row of each of ThinkMorph's four tasks, in its parquet layout (one VT each)."""
+    common = {"problem_image_0": image_cell(random_image(1, (16, 12))),
+              "reasoning_image_0": image_cell(random_image(2, (16, 12))),
+              "resoning_thought_0": "look", "resoning_thought_1": "so"}
+    return [
+        {**common, "pid": "nav", "task": "Spatial_Navigation", "answer": "<answer>D,R</answer>",
+         "question": "Find a safe path. (2x2 grid)"},
+        {**common, "pid": "search", "task": "Visual_Search", "answer": "<answer>(B)</answer>",
+         "question": "What colour is the cup?\n(A) red\n(B) blue"},
+        {**common, "pid": "jig", "task": "Jigsaw_Assembly", "answer": "2 1 3",
+         "question": "Which order restores the image?\n(A) 1 2 3\n(B) 2 1 3"},
+        {**common, "pid": "chart", "task": "Chart_Refocus", "answer": "<answer>41.5</answer>",
+         "question": "What is the value of the tallest bar?"},
+    ]
+
+
+def test_thinkmorph_four_tasks_map_to_scorable_tasks(tmp_path):
+    path = tmp_path / "four.parquet"
+    pq.write_table(thinkmorph_table(_four_task_rows()), path)
+    by_id = {s.id: s for s in load_dataset(path)}
+    assert {k: v.task for k, v in by_id.items()} == {"nav": "maze", "search": "multiple_choice",
+                                                     "jig": "multiple_choice", "chart": "short_answer"}
+    assert by_id["search"].choices == ["red", "blue"] and by_id["search"].answer == "B"
+    assert by_id["jig"].answer == "B"  # the option's text, as a letter
+    assert get_task("multiple_choice").is_correct(by_id["search"], "<answer>B</answer>")
+    assert get_task("short_answer").is_correct(by_id["chart"], "\\boxed{42}")  # within 5%
+
+    rows = _four_task_rows()[1:]
+    rows[0]["question"] = "What colour is the cup?"  # options missing
+    rows[1]["answer"] = "(C)"  # not an option
+    pq.write_table(thinkmorph_table(rows), path)
+    errors = {(e.row_id, e.field): e.reason for e in validate_rows(path)}
+    assert set(errors) == {("search", "question"), ("jig", "answer")}
+    assert "lists no options" in errors[("search", "question")]
+    assert errors[("jig", "answer")] == "'(C)' is neither an option letter nor an option's text (options: 1 2 3, 2 1 3)"
+
+
+def _mixed_files(root):
+    """A small file per format: MMVP pairs, a circular SAT set, ChartQA short answers, and a ThinkMorph
+    parquet mixing two tasks."""
+    write_tsv(root / "MMVP.tsv", [
+        {"index": i, "image": b64(i), "question": f"Is the dog facing left? ({i // 2})", "A": "yes", "B": "no",
+         "answer": "AB"[i % 2], "category": ["orientation", "color"][i // 2]} for i in range(4)])
+    write_tsv(root / "SAT_circular.tsv", [
+        {"index": idx, "image": b64(5), "question": "Which is closer?", "A": a, "B": b, "answer": ans}
+        for idx, a, b, ans in ((0, "chair", "table", "A"), (1_000_000, "table", "chair", "B"))])
+    write_tsv(root / "ChartQA.tsv", [{"index": 0, "image": b64(6), "question": "How many bars?", "answer": "12"}],
+              header=["index", "image", "question", "answer"])
+    pq.write_table(thinkmorph_table(_four_task_rows()[1:]), root / "ThinkMorph.parquet")
+    return [root / "MMVP.tsv", root / "SAT_circular.tsv", root / "ChartQA.tsv", root / "ThinkMorph.parquet"]
+
+
+def test_eval_over_a_mixed_set_of_files(tmp_path):
+    """`visual-opsd eval --data A --data B ...` with the miniature model: a column per file, named by it,
+    each scored by its benchmark's rule; per-category and per-task tables; predictions in VLMEvalKit's
+    layout for the TSV files."""
     model = save_tiny_mini(tmp_path / "model")
-    data = write_tsv(tmp_path / "MMVP.tsv", good_rows())
+    files = _mixed_files(tmp_path)
     out = tmp_path / "eval"
-    argv = ["eval", "--system", f"m={model}:text", "--data", str(data), "--out", str(out),
-            "max_new_tokens=6", "warmup=0", "latency_n=1", "--no-progress"]
+    argv = ["eval", "--system", f"m={model}:text", "--out", str(out), "max_new_tokens=6", "warmup=0", "latency_n=1",
+            "--no-progress"]
+    for f in files:
+        argv += ["--data", str(f)]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())["m"]
-    assert set(result["tasks"]) == {"multiple_choice", "short_answer"}
-    assert result["tasks"]["multiple_choice"]["n"] == 3 and result["tasks"]["short_answer"]["n"] == 1
+    tasks = result["tasks"]
+    assert set(tasks) == {"MMVP", "SAT_circular", "ChartQA", "ThinkMorph"}
+    assert tasks["MMVP"]["n"] == 4 and tasks["MMVP"]["pairs"]["n"] == 2 and set(tasks["MMVP"]["by_category"]) == \
+        {"orientation", "color"}
+    assert tasks["SAT_circular"]["n"] == 1 and tasks["SAT_circular"]["per_row"]["n"] == 2
+    assert tasks["ChartQA"]["rule"] == "pooled over rows" and tasks["ChartQA"]["n"] == 1
+    assert "rule" not in tasks["ThinkMorph"] and set(tasks["ThinkMorph"]["by_task"]) == \
+        {"multiple_choice", "short_answer"}
+    assert result["accuracy"] == pytest.approx(sum(t["accuracy"] for t in tasks.values()) / 4)
+    records = [json.loads(line) for line in (out / "records" / "m_ThinkMorph.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["multiple_choice", "multiple_choice", "short_answer"]
+    # VLMEvalKit's prediction layout: the TSV's columns without the image, then the prediction
+    rows = [json.loads(line) for line in (out / "predictions" / "m_MMVP.jsonl").read_text().splitlines()]
+    assert list(rows[0])[:4] == ["index", "question", "hint", "A"] and "image" not in rows[0]
+    assert all(isinstance(r["prediction"], str) for r in rows) and len(rows) == 4
+    assert not (out / "predictions" / "m_ThinkMorph.jsonl").exists()
+    md = (out / "results.md").read_text()
+    assert "## Accuracy per category (BLINK: subtask)" in md and "## Accuracy per task" in md
+    assert "| m | SAT_circular | circular: a question counts if all its rotations are right |" in md
+
+
+def test_eval_refuses_an_unknown_task_in_one_line(tmp_path, capsys):
+    model = save_tiny_mini(tmp_path / "model")
+    rows = _four_task_rows()[1:2]
+    rows[0]["task"] = "Geometry_Sketch"
+    pq.write_table(thinkmorph_table(rows), tmp_path / "odd.parquet")
+    out = tmp_path / "eval"
+    assert main(["eval", "--system", f"m={model}", "--data", str(tmp_path / "odd.parquet"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row search: task: task 'Geometry_Sketch' is unknown; known tasks:" in err
+    assert "multiple_choice" in err and not out.exists()

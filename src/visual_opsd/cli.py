@@ -121,7 +121,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         choices=["default", "quick", "full"],
         default="default",
         help="default: <= 15 minutes on 2 cores; quick: same as --quick; full: larger model, mazes 3..8, "
-        "longer training (hours on 2 cores)",
+        "longer training (about 90 minutes on 2 cores)",
     )
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -297,7 +297,9 @@ def _add_eval_command(commands, help_text: str, loader: Callable[[], tuple], loa
     cmd.add_argument("--n", type=int, help="samples per task (default 100 generated, or all of --data)")
     cmd.add_argument("--sizes", type=int, nargs=2, metavar=("LO", "HI"), help="maze sizes (default 3 6)")
     cmd.add_argument("--seed", type=int, help="seed of the generated data (default 2, the demo's test set)")
-    cmd.add_argument("--data", metavar="DIR", help="evaluate on this dataset instead of generated data")
+    cmd.add_argument("--data", metavar="PATH", action="append", default=[],
+                     help="evaluate on this dataset instead of generated data: a VLMEvalKit TSV, ThinkMorph "
+                     "parquet, native JSONL or folder; repeatable, one results column per file, named by it")
     cmd.add_argument("--vsp", metavar="DIR", help="evaluate on the VSP maps of DIR (level{L}/{img,table}/{i}.*), "
                      "reported per level with both rules (add --task maze for generated mazes as well)")
     cmd.add_argument("--rule", choices=["strict", "vsp"], help="VSP headline rule; both are reported (default strict)")
@@ -326,7 +328,7 @@ def _eval(args) -> int:
     from visual_opsd.config import load_config, to_dict
 
     flags = {"systems": args.system or None, "data.tasks": args.task or None, "data.n": args.n,
-             "data.sizes": args.sizes, "data.seed": args.seed, "data.path": args.data, "vsp": args.vsp,
+             "data.sizes": args.sizes, "data.seed": args.seed, "data.paths": args.data or None, "vsp": args.vsp,
              "rule": args.rule, "out_dir": args.out, "warmup": args.warmup, "max_new_tokens": args.max_new_tokens,
              "batch_size": args.batch_size, "latency_n": args.latency_n, "image_skips": args.image_skips,
              "vt_steps": args.vt_steps, "progress": False if args.no_progress else None}

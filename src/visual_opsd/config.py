@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -63,6 +64,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
+def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    """A ConfigError naming `key` (with the closest choice as a hint) unless `value` is one of
+    `choices`: for names looked up in a registry (tasks), which a Literal type cannot list."""
+    allowed = sorted(choices)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}{hint}")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain data (for saving next to checkpoints and reports)."""
     return dataclasses.asdict(config)
@@ -106,15 +117,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-# keys of older configs that now live elsewhere: old key -> what to write instead
-MOVED_KEYS = {"hf": "backend (with kind: hf; the Hugging Face options are the same keys)"}
+# keys of older configs that now live elsewhere: old key -> (the key that replaced it, what to write instead)
+MOVED_KEYS = {
+    "hf": ("backend", "backend (with kind: hf; the Hugging Face options are the same keys)"),
+    "path": ("paths", "paths (a list: [FILE, ...])"),  # eval's data.path
+}
 
 
 def _unknown_key_message(prefix: str, key: str, fields: dict[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
     hint = f"; did you mean {prefix}{close[0]!s}?" if close else ""
-    if key in MOVED_KEYS and "backend" in fields:
-        hint = f"; it is now {prefix}{MOVED_KEYS[key]}"
+    if key in MOVED_KEYS and MOVED_KEYS[key][0] in fields:
+        hint = f"; it is now {prefix}{MOVED_KEYS[key][1]}"
     return f"unknown config key {prefix + key!r}{hint} (valid keys here: {', '.join(sorted(fields))})"
 
 

@@ -62,10 +62,14 @@ FIELDS: dict[str, tuple[str, bool]] = {
     "metadata": ("object", False),
 }
 
-# ThinkMorph task names -> ours. Only where the samples fit our task's format: ThinkMorph's
-# Jigsaw_Assembly is not our multiple-choice jigsaw, so it (like the others) keeps its own name and
-# gets no task-specific validation.
-THINKMORPH_TASKS = {"spatial_navigation": "maze", "spatialnavigation": "maze", "navigation": "maze", "maze": "maze"}
+# ThinkMorph task names -> ours. Spatial_Navigation is our maze; Visual_Search and Jigsaw_Assembly
+# are multiple choice with the options written into the question ("(A) ..."; ThinkMorph's
+# Jigsaw_Assembly is not our generated jigsaw, whose pieces and options differ); Chart_Refocus is a
+# short answer with ChartQA's relaxed accuracy.
+THINKMORPH_TASKS = {
+    "spatial_navigation": "maze", "spatialnavigation": "maze", "navigation": "maze", "maze": "maze",
+    "visual_search": "multiple_choice", "jigsaw_assembly": "multiple_choice", "chart_refocus": "short_answer",
+}
 
 _PROBLEM_IMAGE = re.compile(r"^problem_image_(\d+)$")
 _REASONING_IMAGE = re.compile(r"^reasoning_image_(\d+)$")
@@ -361,19 +365,14 @@ def _check_content(
 
 
 def _check_task(label: str, sample: Sample, cache: dict[str, Any], file: str | None) -> list[RowError]:
-    """The task's own checks (e.g. a maze must be solvable); unknown tasks have none."""
-    from visual_opsd.tasks import get_task
+    """The task's own checks (e.g. a maze must be solvable); a sample without a task, or of a task no
+    one registered, has none (training on it works; what scores it, eval or validation, refuses it
+    with `unscorable`)."""
+    from visual_opsd.tasks import TASKS, get_task
 
-    if not sample.task:
+    if sample.task not in TASKS:
         return []
-    if sample.task not in cache:
-        try:
-            cache[sample.task] = get_task(sample.task)
-        except KeyError:
-            cache[sample.task] = None
-    task = cache[sample.task]
-    if task is None:
-        return []
+    task = cache.setdefault(sample.task, get_task(sample.task))
     try:
         problems = task.validate(sample)
     except Exception as e:  # a validator crashing on odd input is itself a finding about the row
@@ -656,13 +655,18 @@ def _parse_parquet_row(
                 images[kind].append(_decode_parquet_image(value, file.parent, allow_outside))
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
                 errors.append(RowError(label, column, f"cannot decode image: {e}", fname))
+    ours = thinkmorph_task_name(task)
+    choices = None
+    if ours == "multiple_choice" and question is not None and answer is not None:
+        choices, answer = _choices_from_question(question, answer, label, fname, task, errors)
     if errors or question is None or answer is None or sample_id is None:
         return _Row(label, where, fname, sample_id, None, errors)
     sample = Sample(
         id=sample_id,
-        task=thinkmorph_task_name(task),
+        task=ours,
         question=question,
         answer=answer,
+        choices=choices,
         problem_images=images["problem"],
         vt_images=images["vt"],
         thoughts=thoughts,
@@ -670,6 +674,26 @@ def _parse_parquet_row(
         metadata={"source_file": file.name, "source_row": index},
     )
     return _Row(label, where, fname, sample_id, sample, [])
+
+
+def _choices_from_question(
+    question: str, answer: str, label: str, fname: str, task: str | None, errors: list[RowError]
+) -> tuple[list[str] | None, str]:
+    """A ThinkMorph multiple-choice row's options (read from its question) and its answer as a letter;
+    problems are appended to `errors`."""
+    from visual_opsd.tasks.choice import answer_letter, options_in_question
+
+    choices = options_in_question(question)
+    if choices is None:
+        errors.append(RowError(label, "question", f"task {task} is multiple choice, but the question lists no "
+                                                  "options as (A) ... (B) ...", fname))
+        return None, answer
+    found = answer_letter(answer, choices)
+    if found is None:
+        errors.append(RowError(label, "answer", f"{answer!r} is neither an option letter nor an option's text "
+                                                f"(options: {', '.join(choices)})", fname))
+        return choices, answer
+    return choices, found
 
 
 def _decode_parquet_image(value: Any, base: Path, allow_outside: bool) -> Image.Image:

@@ -54,14 +54,17 @@ from visual_opsd.errors import ConfigError
 from visual_opsd.sample import Sample
 from visual_opsd.sft import EvalMode, batches, predict
 from visual_opsd.stats import wilson_interval
-from visual_opsd.tasks.base import Task
+from visual_opsd.tasks.base import Task, get_task
+from visual_opsd.vlmeval import BREAKDOWN_KEYS, headline, prediction_row
 
 MODES: tuple[str, ...] = typing.get_args(EvalMode)
 DEFAULT_MODE = "text"
 VSP = "vsp"  # the benchmark's name in results (a task column of its own)
 RULE_NAMES = ("strict", "vsp")
-# sample metadata copied into each record and broken down per value in results ("by_size": maze size)
-GROUP_KEYS = ("size",)
+# sample metadata copied into each record and broken down per value in results ("by_size": maze size;
+# a benchmark file's categories); `index` is copied too (circular sets group their rows by it)
+GROUP_KEYS = ("size", "task", *BREAKDOWN_KEYS)
+RECORD_KEYS = (*GROUP_KEYS, "index")
 
 
 @dataclass
@@ -130,7 +133,7 @@ def latency_items(n: int, k: int) -> list[int]:
 def evaluate(
     backend: Backend,
     samples: list[Sample],
-    task: Task,
+    task: Task | None,
     mode: str,
     *,
     vt_steps: int = 50,
@@ -146,8 +149,9 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy and tokens from greedy predictions of every sample, decoded `batch_size` at a time;
     latency from `latency_n` samples (`latency_items`) decoded again at batch size 1 after `warmup`
-    untimed ones. Scored with the task's scorer, or with `score` (sample, prediction) -> record fields
-    including "correct" (e.g. both VSP rules). `image_skips`: see `sft.predict` (text modes)."""
+    untimed ones. Scored with the task's scorer (`task` None: each sample's own task), or with `score`
+    (sample, prediction) -> record fields including "correct" (e.g. both VSP rules). `image_skips`: see
+    `sft.predict` (text modes)."""
     if not samples:
         raise ValueError("evaluate: no samples")
     if batch_size < 1 or latency_n < 1 or warmup < 0 or image_skips < 0:
@@ -173,21 +177,29 @@ def evaluate(
             latency[i] = time.perf_counter() - t0
     records = []
     for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
-        record = {"id": s.id, "mode": mode, "prediction": text, "parsed": task.extract_answer(text),
-                  "answer": s.answer, "latency_s": latency.get(i), "tokens": len(backend.encode_completion(text))}
-        record.update({key: s.metadata[key] for key in GROUP_KEYS if key in s.metadata})
-        record.update(score(s, text) if score else {"correct": bool(task.is_correct(s, text))})
+        scorer = task or get_task(s.task)
+        record = {"id": s.id, "task": s.task or scorer.name, "mode": mode, "prediction": text,
+                  "parsed": scorer.extract_answer(text), "answer": s.answer, "latency_s": latency.get(i),
+                  "tokens": len(backend.encode_completion(text))}
+        record.update({key: s.metadata[key] for key in RECORD_KEYS if s.metadata.get(key) not in (None, "")})
+        record.update(score(s, text) if score else {"correct": bool(scorer.is_correct(s, text))})
         records.append(record)
-    groups = {key: blocks for key in GROUP_KEYS if (blocks := group_by(records, key))}
+    # maze sizes always; other breakdowns only where they split the benchmark
+    groups = {key: blocks for key in GROUP_KEYS
+              if (blocks := group_by(records, key)) and (key == "size" or len(blocks) > 1)}
     return EvalResult(**summarize(records), records=records, groups=groups)
 
 
 def write_records(result: EvalResult, path: str | Path) -> None:
     """Per-sample JSONL (id, prediction, parsed answer, verdict, latency (null if untimed), tokens, size)."""
+    _write_jsonl(result.records, path)
+
+
+def _write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for r in result.records:
+        for r in rows:
             f.write(json.dumps(r) + "\n")
 
 
@@ -245,12 +257,18 @@ def model_dir(system: System) -> Path:
 
 @dataclass
 class Benchmark:
-    """Samples of one task to evaluate on; `score` replaces the task's scorer (VSP: both rules)."""
+    """Samples to evaluate on, a column of the results: one task, or (`task` None) each sample's own
+    (a dataset file mixing tasks); `score` replaces the task's scorer (VSP: both rules)."""
 
     name: str
-    task: Task
+    task: Task | None
     samples: list[Sample]
     score: Callable[[Sample, str], dict] | None = None
+
+    @property
+    def from_vlmeval(self) -> bool:
+        """Rows of a VLMEvalKit TSV: scored by the benchmark's own rule (`vlmeval.headline`)."""
+        return all("vlmeval_row" in s.metadata for s in self.samples)
 
 
 def vsp_scorer(rule: str) -> Callable[[Sample, str], dict]:
@@ -319,6 +337,13 @@ def evaluate_systems(
                               desc=f"eval {system.name} {bench.name}", score=bench.score)
             write_records(result, out / "records" / f"{system.name}_{bench.name}.jsonl")
             entry["tasks"][bench.name] = result.summary()
+            if bench.from_vlmeval:  # the benchmark's own rule, and the predictions in VLMEvalKit's layout
+                rule = headline(bench.name, result.records)
+                entry["tasks"][bench.name].update(rule)
+                result.accuracy, result.ci95 = rule["accuracy"], rule["ci95"]
+                _write_jsonl([prediction_row(s, r["prediction"]) for s, r in zip(bench.samples, result.records,
+                                                                                strict=True)],
+                             out / "predictions" / f"{system.name}_{bench.name}.jsonl")
             if bench.name == VSP:
                 entry[VSP] = vsp_summary(result.records, result.records[0]["rule"])
             all_records += result.records
@@ -374,6 +399,12 @@ def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str
     per_size = group_markdown(results, "size")
     if per_size:
         md += ["", "## Accuracy per maze size", "", *per_size]
+    for key, title in (("task", "task"), ("l2-category", "l2-category"), ("category", "category (BLINK: subtask)"),
+                       ("source", "source"), ("split", "split")):
+        table = group_markdown(results, key)
+        if table:
+            md += ["", f"## Accuracy per {title}", "", *table]
+    md += _rules_markdown(results)
     vsp_rows = [(name, r[VSP]) for name, r in results.items() if VSP in r]
     if vsp_rows:
         md += ["", "## VSP maze maps, per level", "",
@@ -394,6 +425,27 @@ def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str
     return "\n".join(md) + "\n"
 
 
+def _rules_markdown(results: dict[str, dict]) -> list[str]:
+    """The rule each benchmark file is scored by (`vlmeval.headline`), with its side figures."""
+    rows = []
+    for name, r in results.items():
+        for bench, t in r["tasks"].items():
+            if "rule" not in t:
+                continue
+            side = []
+            if t.get("per_row"):
+                side.append(f"per row {_acc_cell(t['per_row'])} (n {t['per_row']['n']})")
+            if t.get("pairs"):
+                side.append(f"pairs both right {_acc_cell(t['pairs'])} (n {t['pairs']['n']})")
+            side += [f"{s} {_acc_cell(b)} (n {b['n']})" for s, b in (t.get("sources") or {}).items()]
+            rows.append(f"| {name} | {bench} | {t['rule']} | {_acc_cell(t)} (n {t['n']}) | {'; '.join(side) or '-'} |")
+    if not rows:
+        return []
+    return ["", "## Benchmark files: scoring rule", "",
+            "| system | benchmark | rule | acc % [95% CI] (n) | beside it |", "|---|---|---|---|---|", *rows,
+            "", "Predictions in VLMEvalKit's layout: predictions/<system>_<benchmark>.jsonl."]
+
+
 def write_results(results: dict[str, dict], out: str | Path, notes: Iterable[str] = ()) -> Path:
     """results.json, results.md and pareto.png under `out`; returns results.md's path."""
     from visual_opsd.report import pareto_plot
@@ -412,12 +464,16 @@ def write_results(results: dict[str, dict], out: str | Path, notes: Iterable[str
 
 @dataclass
 class EvalDataConfig:
-    path: str | None = field(default=None, metadata={"help": "dataset folder / file to evaluate on; --data"})
+    paths: list[str] = field(
+        default_factory=list, metadata={"help": "datasets to evaluate on (VLMEvalKit TSV, ThinkMorph parquet, "
+                                                "native JSONL / folder), a results column each, named by the "
+                                                "file; --data (repeatable)"})
     tasks: list[str] | None = field(
-        default=None, metadata={"help": "tasks to generate (or to keep from path); --task. null: maze, "
-                                        "or none when vsp is set"})
+        default=None, metadata={"help": "tasks to generate (or to keep from paths); --task. null: maze, "
+                                        "or none when paths or vsp are set"})
     n: int | None = field(
-        default=None, metadata={"help": "samples per task; --n. null: 100 generated, or all of path"})
+        default=None, metadata={"help": "samples per task (per file for paths); --n. null: 100 generated, "
+                                        "or all of each file"})
     split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "split to generate (held out)"})
     seed: int = field(default=2, metadata={"help": "seed of the generated samples (2: the demo's test set); --seed"})
     sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi; --sizes"})
@@ -488,20 +544,20 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
     from visual_opsd.tasks import get_task
 
     d = cfg.data
-    tasks = d.tasks if d.tasks is not None else ([] if d.path or cfg.vsp else ["maze"])
+    tasks = d.tasks if d.tasks is not None else ([] if d.paths or cfg.vsp else ["maze"])
     try:
         for name in tasks:
             get_task(name)
     except KeyError as e:
         raise ConfigError(f"data.tasks: {e.args[0]}") from None
-    from_path = _load_path_benchmarks(d, tasks) if d.path else []
+    from_path = _load_path_benchmarks(d, tasks)
     cache: dict[int, list[Benchmark]] = {}
 
     def build(backend: Backend) -> list[Benchmark]:
         cell = backend.cell_px
         if cell not in cache:
             benches = list(from_path)
-            if not d.path:
+            if not d.paths:
                 for name in tasks:
                     options = dict(d.options)
                     if name == "maze":
@@ -523,21 +579,40 @@ def eval_benchmarks(cfg: EvaluateConfig) -> Callable[[Backend], list[Benchmark]]
     return build
 
 
+def benchmark_name(path: str | Path) -> str:
+    """A dataset's column name in results: the file's name without its extension (MMVP.tsv -> MMVP),
+    or the folder's name."""
+    path = Path(path)
+    return path.stem if path.is_file() else path.resolve().name
+
+
 def _load_path_benchmarks(d: EvalDataConfig, tasks: list[str]) -> list[Benchmark]:
+    """A benchmark per dataset of `d.paths` (its first `d.n` samples of `tasks`, all tasks when empty);
+    a sample without a known task is a DataError naming it and the known tasks."""
     from visual_opsd.data import load_dataset
     from visual_opsd.errors import DataError
-    from visual_opsd.tasks import get_task
+    from visual_opsd.tasks import TASKS
 
-    if not Path(d.path).exists():
-        raise DataError("no such file or folder", file=d.path)
-    by_task: dict[str, list[Sample]] = {}
-    for s in load_dataset(d.path):
-        if not tasks or s.task in tasks:
-            by_task.setdefault(s.task, []).append(s)
-    if not by_task:
-        wanted = f" of task {', '.join(tasks)}" if tasks else ""
-        raise DataError(f"no samples{wanted} to evaluate on", file=d.path)
-    return [Benchmark(name, get_task(name), samples[: d.n]) for name, samples in by_task.items()]
+    names = [benchmark_name(p) if Path(p).exists() else p for p in d.paths]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"data.paths: two datasets named {', '.join(repeated)} (results name a column by its "
+                          "file); rename one")
+    benches = []
+    for path, name in zip(d.paths, names, strict=True):
+        if not Path(path).exists():
+            raise DataError("no such file or folder", file=path)
+        samples = [s for s in load_dataset(path) if not tasks or s.task in tasks][: d.n]
+        if not samples:
+            wanted = f" of task {', '.join(tasks)}" if tasks else ""
+            raise DataError(f"no samples{wanted} to evaluate on", file=path)
+        for s in samples:
+            if s.task not in TASKS:
+                what = f"task {s.task!r} is unknown" if s.task else "no task"
+                raise DataError(f"{what}; known tasks: {', '.join(sorted(TASKS))}", file=path, row=s.id, field="task")
+        kinds = {s.task for s in samples}
+        benches.append(Benchmark(name, get_task(kinds.pop()) if len(kinds) == 1 else None, samples))
+    return benches
 
 
 def _load_vsp(path: str, cell_px: int, per_level: int | None = None) -> list[Sample]:
@@ -603,8 +678,8 @@ def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
 
 def _data_note(cfg: EvaluateConfig) -> str:
     d, parts = cfg.data, []
-    if d.path:
-        parts.append(f"{d.path}" + (f" (first {d.n} per task)" if d.n else ""))
+    if d.paths:
+        parts.append(", ".join(d.paths) + (f" (the first {d.n} samples of each)" if d.n else ""))
     elif d.tasks or not cfg.vsp:
         parts.append(f"{d.n or 100} generated {d.split} samples per task ({', '.join(d.tasks or ['maze'])}), "
                      f"seed {d.seed}, maze sizes {d.sizes[0]}..{d.sizes[1]}")

@@ -7,11 +7,16 @@ tests can be compared exactly (issue "scale-out", deterministic mode).
 
 The scored completion is the whole token sequence the sampler produced, rounds concatenated. An
 injected `<image_end>` is part of it (the sampling cache saw it, so both contexts score the same
-sequence) but carries no loss: `loss_mask` is False there.
+sequence) but carries no loss: `loss_mask` is False there. Where a backend limits the length
+(`Backend.completion_room`, the HF backend's `max_length`), `fit_rollout` cuts each completion once,
+to the room its longest context leaves (the teacher's, with its VTs), as the reference does: both
+sides then score the very same ids, and no side pads a cut position.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +45,13 @@ class Rollout:
         for r, flags in enumerate(self.sampled):
             mask[r, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
         return mask
+
+    def cut(self, room: Sequence[int | None]) -> Rollout:
+        """The rollout with completion r cut to its first `room[r]` ids (None: kept whole); texts,
+        `finished` and skips stay those of the sampled completions."""
+        keep = [len(ids) if r is None else max(0, min(len(ids), r)) for ids, r in zip(self.ids, room, strict=True)]
+        return dataclasses.replace(self, ids=[ids[:k] for ids, k in zip(self.ids, keep, strict=True)],
+                                   sampled=[flags[:k] for flags, k in zip(self.sampled, keep, strict=True)])
 
     def stats(self, task: Task | None = None) -> dict[str, float]:
         """Flat `rollout/` metrics: length, truncation, image-skip rate, parsable-answer fraction."""
@@ -102,3 +114,17 @@ def collect_rollout(
         finished=[c.finished for c in comps],
         image_skips=[c.image_skips for c in comps],
     )
+
+
+def fit_rollout(backend: Backend, rollout: Rollout, *sides: Sequence[Context]) -> Rollout:
+    """`rollout` with each completion cut ONCE to the room the longest of its contexts leaves
+    (`Backend.completion_room`; one context per prompt on each side, e.g. the student's and the
+    teacher's). Scored on each side alone, a completion would be cut per side: the teacher (the
+    longer context) sooner, its cut positions padded (zero hidden states, a uniform target) where
+    the student still has logits. Cut here, every side scores the very same ids in full."""
+    room: list[int | None] = []
+    for r in range(len(rollout.ids)):
+        limits = [backend.completion_room(side[r // rollout.n]) for side in sides]
+        known = [x for x in limits if x is not None]
+        room.append(min(known) if known else None)
+    return rollout.cut(room)

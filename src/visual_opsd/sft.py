@@ -38,8 +38,8 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from visual_opsd.backends import BackendOptions, open_backend
-from visual_opsd.backends.base import SupportsSFT
+from visual_opsd.backends import BackendOptions, family_of, open_backend
+from visual_opsd.backends.base import Backend, SupportsSFT
 from visual_opsd.backends.hf_config import HFOptions
 from visual_opsd.backends.mini import (
     CAPTION_PROMPT,
@@ -49,10 +49,11 @@ from visual_opsd.backends.mini import (
     MiniBackend,
 )
 from visual_opsd.checkpoint import atomic_dir
-from visual_opsd.errors import ConfigError
+from visual_opsd.config import check_choice
+from visual_opsd.errors import ConfigError, DataError
 from visual_opsd.optim import MetricsLog, adamw, lr_at, set_lr
 from visual_opsd.sample import Sample
-from visual_opsd.tasks import Task, get_task
+from visual_opsd.tasks import TASKS, Task, get_task
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
 
 EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text", "vt_caption"]
@@ -78,6 +79,7 @@ class TaskDataConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choice("data.task", self.task, TASKS)  # a typo fails with the config, before any work
         if self.n_train < 1 or self.n_val < 0:
             raise ValueError("data.n_train must be >= 1 and data.n_val >= 0")
         if not 2 <= self.sizes[0] <= self.sizes[1]:
@@ -219,6 +221,9 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
     if path is not None:
         from visual_opsd.data import load_dataset
 
+        if not Path(path).exists():  # one located line, not a traceback
+            key = "data.path" if split == "train" else "data.val_path"
+            raise DataError(f"no such file or folder ({key})", file=path)
         return list(load_dataset(path, skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside))
     options = dict(cfg.options)
     if task.name == "maze":
@@ -228,9 +233,28 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
     return task.generate(n, seed=cfg.seed, split=split, **options)
 
 
+def check_model_folder(key: str, path: str | Path) -> None:
+    """A ConfigError naming `key` unless `path` is a model folder of a registered family: checked
+    before a command writes anything."""
+    try:
+        family_of(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def open_model(key: str, path: str | Path, options: Any = None, resume: bool = False) -> Backend:
+    """`open_backend` on the folder of config key `key`; a missing folder or weights file is a
+    ConfigError naming the key (one line from the command line, exit 2)."""
+    check_model_folder(key, path)
+    try:
+        return open_backend(path, options, resume=resume)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def build_backend(cfg: SFTConfig) -> MiniBackend:
-    if cfg.model.init_from is not None:
-        return open_backend(cfg.model.init_from, cfg.model.backend)  # a mini checkpoint or a Hugging Face folder
+    if cfg.model.init_from is not None:  # a mini checkpoint or a Hugging Face folder
+        return open_model("model.init_from", cfg.model.init_from, cfg.model.backend)
     options = cfg.model.backend
     if isinstance(options, HFOptions) and options.tiny is not None:
         from visual_opsd.backends.hf import HFBackend
@@ -336,8 +360,7 @@ def accuracy(task: Task, samples: list[Sample], predictions: list[str]) -> float
 def run_sft(cfg: SFTConfig) -> Path:
     """Train; returns the folder of the final model (`<out_dir>/final`)."""
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out_dir)  # created once the model and the data passed their checks
     task = get_task(cfg.data.task)
     backend = build_backend(cfg)
     if not isinstance(backend, SupportsSFT):
@@ -349,6 +372,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")
     default_mode = {"interleaved": "interleaved", "text_only": "text", "vt_caption": "vt_caption"}
     modes = cfg.eval.modes or [default_mode[cfg.data.trace]]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_plain(cfg), indent=2))
     model = backend.model
     opt = adamw(model.parameters(), cfg.optim, decay_matrices_only=True)

@@ -10,8 +10,11 @@ Per optimizer step (docs/method.md section 2):
    context C_S (question + problem image), with image-skip injection;
 3. teacher: score the same completion ids on the teacher context C_T = C_S + framing + VT images
    (`teacher.vt_mode`: data / noise / shuffled / none) + transition, with the teacher's weights
-   (`teacher.mode`: ema / live / frozen) and no gradient; the prefix is encoded once per prompt;
-4. update: score them on C_S with gradient; loss = generalized JSD (beta, top-k, clip) per sampled
+   (`teacher.mode`: ema / live / frozen) and no gradient; the prefix is encoded once per prompt.
+   A backend with a length limit (HF `max_length`) gets each completion cut once, to the room C_T
+   leaves (`rollout.fit_rollout`): both sides score the very same ids, as the reference does;
+4. update: score them on C_S with gradient (dropout off: the policy that sampled them,
+   `Backend.disable_dropout`); loss = generalized JSD (beta, top-k, clip) per sampled
    completion token, averaged as `loss.reduction` says: `sequence_mean` (the reference's: the mean
    over each completion's tokens, then the mean over the completions of the whole accumulation
    window) or `token_mean` (the sum over the window's tokens divided by their count);
@@ -51,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from visual_opsd.backends import BackendOptions, open_backend
+from visual_opsd.backends import BackendOptions
 from visual_opsd.backends.base import Backend, Context
 from visual_opsd.budget import LimitsConfig, check_budget, memory_gib
 from visual_opsd.checkpoint import atomic_dir, remove_stale_temporaries, resolve_checkpoint
@@ -67,9 +70,9 @@ from visual_opsd.losses import (
     global_token_count,
 )
 from visual_opsd.optim import MetricsLog, lr_at
-from visual_opsd.rollout import Rollout, collect_rollout
+from visual_opsd.rollout import Rollout, collect_rollout, fit_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import TaskDataConfig, load_samples, predict
+from visual_opsd.sft import TaskDataConfig, load_samples, open_model, predict
 from visual_opsd.tasks import Task, get_task
 from visual_opsd.teacher import Teacher
 from visual_opsd.vt import teacher_contexts
@@ -278,7 +281,9 @@ def distill_loss(
             t_head = t_head.clone()
     with timed(times, "update"):
         s = backend.score(student_ctx, rollout.ids, output=output)
-        mask = s.mask & rollout.loss_mask(s.mask.shape[1]).to(s.mask.device)
+        # trained only where both sides have real scores: a position one side cut holds zeros there
+        # (a uniform teacher target); `fit_rollout` cuts both sides alike beforehand, so none is cut here
+        mask = s.mask & t.mask.to(s.mask.device) & rollout.loss_mask(s.mask.shape[1]).to(s.mask.device)
         options = dict(beta=cfg.beta, temperature=cfg.temperature, top_k=cfg.top_k, clip=cfg.clip)
         if cfg.fused:
             # (B, T, H) with the mask, not the flattened scored rows: sequence_mean needs to know
@@ -344,11 +349,15 @@ class Run:
 
 
 class Window(NamedTuple):
-    """One micro-batch of a step: its prompts, their student contexts and the sampled completions."""
+    """One micro-batch of a step: its prompts, their student and teacher contexts, the sampled
+    completions (`rollout`, its statistics) and the same completions fitted to both contexts
+    (`scored`, what the loss scores: `fit_rollout`)."""
 
     samples: list[Sample]
     contexts: list[Context]
+    teacher_contexts: list[Context]
     rollout: Rollout
+    scored: Rollout
 
 
 def run_train(cfg: TrainConfig) -> Path:
@@ -367,10 +376,11 @@ def run_train(cfg: TrainConfig) -> Path:
             run.engine.begin_step(done, lr_at(step, cfg.optim))
             prompts = batch_indices(len(run.train), step, cfg.optim.prompts_per_step, cfg.seed)
             # 1. rollouts: every micro-batch's first, so the loss's denominator is known before any backward
-            windows = rollouts(run, run.dist.shard(prompts), step_seed(cfg.seed, step, 0, run.dist.rank), times)
+            windows = rollouts(run, run.dist.shard(prompts), step_seed(cfg.seed, step, 0, run.dist.rank),
+                               step_seed(cfg.seed, step, 1, run.dist.rank), times)
             normalizer, tokens, local_tokens = loss_denominator(run, windows)
             # 2-3. teacher scores (privileged VT context), student scores, JSD loss, backward
-            loss = distill_backward(run, windows, normalizer, step_seed(cfg.seed, step, 1, run.dist.rank), times)
+            loss = distill_backward(run, windows, normalizer, times)
             # 4. optimizer step (skipped when not finite), then the teacher update
             grad_norm, finite = update(run, loss, times)
             # 5. metrics, validation, checkpoint
@@ -399,14 +409,18 @@ def run_train(cfg: TrainConfig) -> Path:
 
 def open_run(cfg: TrainConfig) -> Run:
     """Set-up: processes, the student (from `init_from`, or the checkpoint to resume), data, budget
-    check, engine, teacher, metrics log."""
+    check, engine, teacher, metrics log. `out_dir` is created only once the inputs passed their
+    checks: a bad input ends the command with one line and leaves nothing behind."""
     torch.set_num_threads(cfg.threads)
     dist = Dist.create()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # a truncated or altered checkpoint is never loaded: the previous good one, or a clear stop
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
-    backend = open_backend(resume / "model" if resume else cfg.init_from, cfg.backend, resume=resume is not None)
+    if resume:
+        backend = open_model("resume", resume / "model", cfg.backend, resume=True)
+    else:  # a missing or unusable folder: a ConfigError naming init_from (nothing written yet)
+        backend = open_model("init_from", cfg.init_from, cfg.backend)
+    backend.disable_dropout()  # on-policy: the student is scored by the policy that sampled (no dropout)
     task = get_task(cfg.data.task)
     patch = backend.cell_px
     train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
@@ -418,6 +432,7 @@ def open_run(cfg: TrainConfig) -> Run:
     teacher = Teacher(backend.model, cfg.teacher.mode, cfg.teacher.ema_decay, layout=engine.layout,
                       base_weights=backend.adapters_disabled)  # LoRA: frozen = adapters off
     state = TrainState.from_json(load_train_state(resume, engine, teacher)) if resume else TrainState()
+    out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None, enabled=dist.is_main)
     if dist.is_main:
         remove_stale_temporaries(out)  # half-written checkpoints of a killed run (never resumed from)
@@ -426,9 +441,12 @@ def open_run(cfg: TrainConfig) -> Run:
     return Run(cfg, dist, out, backend, engine, teacher, task, train, val, log, state, micro, device)
 
 
-def rollouts(run: Run, idx: list[int], gen: torch.Generator, times: dict[str, float]) -> list[Window]:
+def rollouts(run: Run, idx: list[int], gen: torch.Generator, gen_vt: torch.Generator,
+             times: dict[str, float]) -> list[Window]:
     """On-policy completions of this rank's prompts `idx`, one `Window` per micro-batch, sampled from
-    the current student on the student context, with image-skip injection (`rollout.py`)."""
+    the current student on the student context, with image-skip injection (`rollout.py`); the
+    teacher contexts (the VTs of `teacher.vt_mode`, noise drawn from `gen_vt`), and the completions
+    cut once to the room both contexts leave (`fit_rollout`: both sides score the same ids)."""
     cfg, backend = run.cfg, run.backend
     backend.model.eval()
     run.engine.layout.gather()  # sharded: the weights once, so decoding issues no collectives
@@ -442,7 +460,9 @@ def rollouts(run: Run, idx: list[int], gen: torch.Generator, times: dict[str, fl
                 temperature=cfg.rollout.temperature, max_image_skips=cfg.rollout.max_image_skips,
                 source=cfg.rollout.source, generator=gen,
             )
-        windows.append(Window(samples, contexts, ro))
+        with timed(times, "teacher"):
+            t_ctx = teacher_contexts(backend, samples, run.train, cfg.teacher.vt_mode, gen_vt)
+        windows.append(Window(samples, contexts, t_ctx, ro, fit_rollout(backend, ro, contexts, t_ctx)))
     return windows
 
 
@@ -450,28 +470,25 @@ def loss_denominator(run: Run, windows: list[Window]) -> tuple[torch.Tensor, int
     """(the loss's normaliser, the step's completion tokens, this rank's), the first two over all
     micro-batches and ranks (all-reduces): the normaliser counts the step's completions for
     `sequence_mean`, its tokens for `token_mean`."""
-    length = max(max((len(i) for i in w.rollout.ids), default=0) for w in windows)
-    masks = [w.rollout.loss_mask(length).to(run.dist.device) for w in windows]  # the process group's device
+    length = max(max((len(i) for i in w.scored.ids), default=0) for w in windows)
+    masks = [w.scored.loss_mask(length).to(run.dist.device) for w in windows]  # the process group's device
     token_count = global_token_count(masks)
     normalizer = (token_count.clamp(min=1) if run.cfg.loss.reduction == "token_mean"
                   else loss_normalizer(masks, run.cfg.loss.reduction))
     return normalizer.to(run.device), int(token_count), int(sum(int(m.sum()) for m in masks))
 
 
-def distill_backward(run: Run, windows: list[Window], normalizer: torch.Tensor, gen_vt: torch.Generator,
-                     times: dict[str, float]) -> float:
-    """Per micro-batch: teacher contexts (the VTs of `teacher.vt_mode`), the JSD loss on the sampled
-    tokens (`distill_loss`), backward; gradients summed over ranks at the last one. Returns the
-    step's loss, summed over micro-batches and ranks."""
-    run.backend.model.train()
+def distill_backward(run: Run, windows: list[Window], normalizer: torch.Tensor, times: dict[str, float]) -> float:
+    """Per micro-batch: the JSD loss on the sampled tokens of the fitted completions (`distill_loss`),
+    backward; gradients summed over ranks at the last one. Returns the step's loss, summed over
+    micro-batches and ranks."""
+    run.backend.model.train()  # gradient checkpointing is gated on train mode (dropout is off: open_run)
     run.engine.zero_grad()
     total = 0.0
     for m, w in enumerate(windows):
-        with timed(times, "teacher"):
-            t_ctx = teacher_contexts(run.backend, w.samples, run.train, run.cfg.teacher.vt_mode, gen_vt)
         with run.dist.autocast():
-            loss = distill_loss(run.backend, run.teacher, w.contexts, t_ctx, w.rollout, run.cfg.loss, normalizer,
-                                times)
+            loss = distill_loss(run.backend, run.teacher, w.contexts, w.teacher_contexts, w.scored, run.cfg.loss,
+                                normalizer, times)
         with timed(times, "update"):
             run.engine.backward(loss, last=m == len(windows) - 1)  # the last one reduces over ranks
         total += loss.item()
@@ -501,7 +518,9 @@ def step_record(run: Run, done: int, windows: list[Window], loss: float, grad_no
         record["tokens/per_rank"] = run.dist.gather_int(local_tokens)
     stats: dict[str, float] = {}
     for w in windows:
-        for k, v in w.rollout.stats(run.task).items():
+        # tokens per completion cut to fit the teacher context (`fit_rollout`; HF max_length)
+        cut = sum(len(a) - len(b) for a, b in zip(w.rollout.ids, w.scored.ids, strict=True))
+        for k, v in {**w.rollout.stats(run.task), "rollout/cut_tokens": cut / max(1, len(w.rollout.ids))}.items():
             stats[k] = stats.get(k, 0.0) + v / len(windows)
     record.update(run.dist.mean_dict(stats))  # equal shards: the mean of rank means is the global mean
     record.update(run.dist.max_dict(memory_gib(run.device)))  # the fullest rank, after the step

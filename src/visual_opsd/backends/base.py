@@ -210,6 +210,21 @@ class Backend(ABC):
         context + completion row in full (the same scores, g times the prefix's compute). Gradient
         flows when called under grad mode (student) and not under torch.no_grad (teacher)."""
 
+    def completion_room(self, context: Context) -> int | None:
+        """Most completion tokens `score` takes after `context` (None: no limit); a backend with a
+        length limit cuts the rest. Training cuts every completion once to the room of its longest
+        context (the teacher's), so that both sides score the very same ids (`rollout.fit_rollout`)."""
+        return None
+
+    def disable_dropout(self) -> None:
+        """Turn dropout off in `model` for good (p = 0 in every dropout layer). Visual-OPSD scores the
+        student with gradients and must score the policy that sampled (sampling runs without
+        dropout); a switch for the forward alone would not reach gradient checkpointing's
+        recomputation in backward. (The mini and BAGEL models have no dropout layers.)"""
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+
     @abstractmethod
     def decoder(self, contexts: list[Context], n: int = 1, model: nn.Module | None = None) -> Decoder:
         """A `Decoder` over `len(contexts) * n` rows, context-major (row i*n + j is context i);

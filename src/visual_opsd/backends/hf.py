@@ -7,6 +7,9 @@ followed by the generation prompt; the completion (`<think>...</think><answer>..
 end-of-turn id) is appended to either with identical ids, so only the user turn differs. Images are
 expanded into their placeholder tokens by the processor; a context longer than `max_length` is an
 error (never cut through an image): completions are cut instead, and `truncated_tokens` counts it.
+`completion_room` gives the room a context leaves: training cuts each completion once, to the room
+of the teacher context (the longer one), so student and teacher score the very same ids
+(`rollout.fit_rollout`); `score` cuts only what a caller left too long.
 
 Scoring runs the model's inner network (vision tower + language model) on right-padded
 `context + completion` rows with explicit position ids (Qwen's 3-D M-RoPE from `get_rope_index`),
@@ -24,6 +27,8 @@ injection needs control between two tokens; the decoder's logits equal a full fo
 Tensors go to the model's device (`backend.device`); sampling draws on the CPU with the caller's generator.
 
 Training: full fine-tuning (vision tower frozen by default) or LoRA via peft on the language model.
+`lora_dropout` (and any dropout of the model) acts in SFT only: Visual-OPSD calls `disable_dropout`,
+so the student is scored, with gradients, by the policy that sampled its completions.
 With LoRA, `adapters_disabled` gives the frozen teacher (base model, no copy), and EMA shadows
 cover only the trainable adapter weights. `save` writes the standard HF layout (merged weights with
 LoRA) plus, with LoRA, the adapter alone under `adapter/` (what an exact resume loads).
@@ -376,11 +381,13 @@ class HFBackend(Backend):
         if output_attentions:
             raise NotImplementedError("the HF backend does not return attentions (diagnostics use the mini backend)")
         m, g = len(completions), completions_per_context(contexts, completions)
-        limit = self.options.max_length
         rows, keep = [], []
         for i, comp in enumerate(completions):
             ctx = contexts[i // g]
-            n = len(comp) if limit is None else min(len(comp), limit - len(ctx.ids))
+            room = self.completion_room(ctx)
+            # a cut position gets a zero hidden state below (mask False): callers that compare two
+            # contexts cut first (`fit_rollout`), so that this never cuts one side alone
+            n = len(comp) if room is None else min(len(comp), room)
             self.truncated_tokens += len(comp) - n
             rows.append((ctx.ids + list(comp[:n]), ctx.pixels))
             keep.append(n)
@@ -405,6 +412,25 @@ class HFBackend(Backend):
                 raise ValueError("output='hidden' needs an output head without bias")
             return Scores(mask=mask, hidden=hidden, head_weight=weight)
         return Scores(mask=mask, logits=self._logits(model, hidden))
+
+    def completion_room(self, context: HFContext) -> int | None:
+        """Completion tokens that fit after `context` within `max_length` (None: no limit)."""
+        limit = self.options.max_length
+        return None if limit is None else limit - len(context.ids)
+
+    def disable_dropout(self) -> None:
+        """Dropout off for good, in train mode too: every dropout layer (LoRA's `lora_dropout`
+        included) gets p = 0 and every attention-dropout rate 0.0 (the attention modules read a
+        float, not a layer). Visual-OPSD calls it at start: the student is then scored, with
+        gradients and in train mode, by the same function that sampled its completions in eval mode.
+        (Switching to eval mode for the scoring forward alone would not do: the model stays in train
+        mode for gradient checkpointing, which is gated on it, and the recomputation in backward runs
+        after such a switch is undone, with dropout on again.)"""
+        super().disable_dropout()
+        for module in self.model.modules():
+            for name in ("attention_dropout", "dropout"):  # Qwen attention: attention_dropout; CLIP: dropout
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
 
     # decoding ----------------------------------------------------------------------------------
 

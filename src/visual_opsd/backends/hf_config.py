@@ -38,7 +38,9 @@ class HFOptions:
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (SFT only: Visual-OPSD turns dropout off, on-policy)"}
+    )
     lora_target: str = field(default=DEFAULT_LORA_TARGET, metadata={"help": "regex of module names that get LoRA"})
     freeze_vision: bool = field(default=True, metadata={"help": "full fine-tuning: keep the vision tower frozen"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from visual_opsd.backends.base import Backend
-from visual_opsd.config import to_dict
+from visual_opsd.config import check_choice, to_dict
 from visual_opsd.diagnostics.attention import VT_KINDS, attention_fractions
 from visual_opsd.diagnostics.common import load_backend, model_folder
 from visual_opsd.diagnostics.interventions import INTERVENTION_MODES, interventions
@@ -65,6 +65,10 @@ class DiagnoseDataConfig:
             raise ValueError(f"data.n must be >= 1 or null, got {self.n}")
         if not self.tasks:
             raise ValueError("data.tasks must name at least one task")
+        from visual_opsd.tasks import TASKS
+
+        for name in self.tasks:  # a typo fails with the config, before the model is loaded
+            check_choice("data.tasks", name, TASKS)
 
 
 @dataclass

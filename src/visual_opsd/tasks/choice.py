@@ -125,3 +125,29 @@ def extract_choice(text: str, n_choices: int | None = None, choices: Sequence[st
         block = blocks[-1]
         return _letter_of_span(block, n, choices) or _extract_free(block, n, choices)
     return _extract_free(text, n, choices)
+
+
+_OPTION_MARK = re.compile(r"\(([A-Z])\)[ \t]*")
+
+
+def options_in_question(question: str) -> list[str] | None:
+    """The options a question spells out as "(A) text (B) text" (inline or one per line, as
+    ThinkMorph's Visual_Search and Jigsaw_Assembly questions do), in letter order from A; None when
+    it lists fewer than two. An option's text runs to the next mark or the end of its line."""
+    marks = []
+    for m in _OPTION_MARK.finditer(question):
+        if letter_index(m.group(1)) == len(marks):  # A, then B, ...: other "(X)" are part of the text
+            marks.append(m)
+    options = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(question)
+        text = question[m.end() : end].split("\n")[0].strip()
+        if not text:
+            return None
+        options.append(text)
+    return options if len(options) >= 2 else None
+
+
+def answer_letter(answer: str, choices: Sequence[str]) -> str | None:
+    """The option letter a reference answer names: "B", "(B)", "B." or the option's own text."""
+    return _letter_of_span(answer, len(choices), choices)
