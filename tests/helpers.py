@@ -184,11 +184,12 @@ def _free_port() -> int:
 
 
 def launch(
-    n: int, args: list[str], timeout: float = 120, config: str | None = None, **env_extra: str
+    n: int, args: list[str], timeout: float = 120, config: str | None = None, command: str = "train",
+    **env_extra: str
 ) -> subprocess.CompletedProcess:
-    """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd train`,
-    with a shipped accelerate `config` (configs/accelerate/) when given (fp32: --mixed_precision no).
-    Fails the test unless the launch exits 0."""
+    """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd <command>`
+    (train by default), with a shipped accelerate `config` (configs/accelerate/) when given (fp32:
+    --mixed_precision no). Fails the test unless the launch exits 0."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **env_extra}
     engine = ["--config_file", str(ROOT / "configs" / "accelerate" / config)] if config else ["--multi_gpu"]
     cmd = [
@@ -208,7 +209,7 @@ def launch(
         str(_free_port()),
         "-m",
         "visual_opsd.cli",
-        "train",
+        command,
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -429,3 +429,23 @@ def test_validation_decodes_one_text_round_by_default(monkeypatch):
         )
         train.validate(run, step=1)
     assert seen == [0, 2]
+
+
+@pytest.mark.slow  # two processes under accelerate launch
+def test_eval_under_accelerate_launch_equals_one_process(sharp, tmp_path):
+    """The processes share the accuracy pass (greedy, so the answers are the same as one process's);
+    rank 0 writes the same results and records."""
+    from helpers import launch
+
+    sharp_folder = tmp_path / "sharp"
+    sharp.save(sharp_folder)  # its answers differ from maze to maze: a mix-up between ranks would show
+    common = ["--system", f"m={sharp_folder}:text", "--n", "6", "--sizes", "3", "4", *FAST]
+    assert main(["eval", *common, "--out", str(tmp_path / "one")]) == 0
+    launch(2, [*common, "--out", str(tmp_path / "two")], command="eval")
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["m"] for d in ("one", "two"))
+    assert two["tasks"]["maze"]["n"] == 6 and two["accuracy"] == one["accuracy"]
+    keep = ("id", "prediction", "correct", "tokens")
+    rows = [[{k: r[k] for k in keep} for r in read_jsonl(tmp_path / d / "records" / "m_maze.jsonl")]
+            for d in ("one", "two")]
+    assert rows[0] == rows[1] and len({r["prediction"] for r in rows[0]}) > 1
+    assert "Decoding shared by 2 processes" in (tmp_path / "two" / "results.md").read_text()

@@ -106,3 +106,39 @@ def test_sft_lowers_the_loss(tmp_path):
     first = sum(r["loss/ce"] for r in lines[:3]) / 3
     last = sum(r["loss/ce"] for r in lines[-3:]) / 3
     assert last < 0.6 * first
+
+
+def test_split_by_task_validates_every_task_of_a_mix():
+    from visual_opsd.errors import DataError
+    from visual_opsd.sample import Sample
+    from visual_opsd.sft import split_by_task
+
+    samples = [Sample(id=f"{t}{i}", task=t, question="q", answer="a") for t in ("a", "b", "c") for i in range(4)]
+    samples += [Sample(id="lone", task="d", question="q", answer="a")]
+    train, val = split_by_task(samples, 5, seed=0)
+    assert sorted(s.task for s in val) == ["a", "a", "b", "c", "d"]  # a turn each, then again
+    assert {s.id for s in train} | {s.id for s in val} == {s.id for s in samples} and len(train) == 8
+    assert [s.id for s in val] == [s.id for s in samples if s in val]  # the dataset's order
+    assert split_by_task(samples, 5, seed=0) == (train, val)  # seeded
+    assert split_by_task(samples, 0, seed=0) == (samples, [])
+    with pytest.raises(DataError, match="data.n_val=13 would leave no training samples"):
+        split_by_task(samples, 13, seed=0)
+
+
+def test_sft_on_a_dataset_mixing_tasks_validates_per_task(tmp_path):
+    """A dataset without a val_path gives validation samples of each of its tasks; the log has the
+    accuracy per task beside the overall one."""
+    from visual_opsd.data import write_dataset
+    from visual_opsd.tasks import get_task
+
+    mazes = get_task("maze").generate(12, seed=3, split="train", sizes=(3, 3), cell_px=4)
+    for s in mazes[6:]:
+        s.task = "short_answer"  # scored as a plain answer string: two tasks in one file
+    write_dataset(mazes, tmp_path / "mix")
+    cfg = load_config(SFTConfig, None, TINY + ["data.trace=text_only", f"data.path={tmp_path / 'mix'}", "data.n_val=4",
+                                               f"out_dir={tmp_path / 'run'}"])
+    run_sft(cfg)
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"val/accuracy/text", "val/accuracy/text/maze", "val/accuracy/text/short_answer"} <= set(last)
+    both = (last["val/accuracy/text/maze"] + last["val/accuracy/text/short_answer"]) / 2  # 2 of each
+    assert last["val/accuracy/text"] == pytest.approx(both)

@@ -5,6 +5,7 @@ checkpoints it leaves."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -211,3 +212,24 @@ def test_controls_train_and_log(tiny_model, tmp_path, vt_mode):
         assert key in steps[-1]
     assert 0 < steps[-1]["memory/rss_gib"] <= steps[-1]["memory/peak_rss_gib"] < 64  # GiB, right unit
     assert "val/accuracy" in steps[-1] and rows[0]["step"] == 0 and "val/accuracy" in rows[0]
+
+
+def test_a_dataset_mixing_tasks_is_validated_per_task(tiny_model, tmp_path, capsys):
+    """Visual-OPSD on a dataset of two tasks (no val_path): validation takes samples of both, scores
+    each by its own task, logs and prints the accuracy per task beside the overall one."""
+    from visual_opsd.data import write_dataset
+
+    mazes = get_task("maze").generate(10, seed=3, split="train", sizes=(3, 3), cell_px=4)
+    for s in mazes[5:]:
+        s.task = "short_answer"
+    write_dataset(mazes, tmp_path / "mix")
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, None, overrides(tiny_model, out, **{"data.path": tmp_path / "mix", "optim.steps": 1,
+                                                                       "eval.every": 1}))
+    run_train(cfg)
+    first = metrics_rows(out)[0]
+    assert first["step"] == 0
+    assert first["val/accuracy"] == pytest.approx((first["val/accuracy/maze"] + first["val/accuracy/short_answer"]) / 2)
+    printed = capsys.readouterr().out
+    assert re.search(r"step 0: val accuracy \d\.\d{3}, maze \d\.\d{3}, short_answer \d\.\d{3}\n", printed)
+    assert "step 1: val accuracy" in printed

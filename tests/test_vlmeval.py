@@ -124,6 +124,8 @@ def test_a_tsv_without_the_columns_is_not_a_dataset(tmp_path):
         ("B.", True),
         ("(B)", True),
         ("I think it is the dog.\n<answer>dog</answer>", True),  # the option's text
+        ("It is a dog.", True),  # a short answer naming one option's text (VLMEvalKit's can_infer_text)
+        ("A cat and a dog.", False),  # two options named
         ("<answer>A</answer>", False),
         ("Both A and B look plausible.", False),  # no commitment
         ("", False),

@@ -225,6 +225,14 @@ class Dist:
                 p.grad = summed.clone()
             offset += n
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order (e.g. each rank's decoded answers)."""
+        if not self._active():
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self._active():
             dist.barrier()

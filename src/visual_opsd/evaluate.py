@@ -29,14 +29,20 @@ A system is `NAME=MODEL_DIR[:MODE]` (mode `text` by default). Outputs under `out
             "tasks": {TASK: {"accuracy", "ci95", "n", "latency_s", "latency_n", "tokens",
                              "by_size": {SIZE: {"accuracy", "ci95", "n"}}}},
             "vsp": {...}}}
-(`by_size` where the samples carry metadata["size"], as mazes and VSP maps do; "vsp": per level, both
+(`by_size` where the samples carry metadata["size"], as mazes and VSP maps do; `by_category`,
+`by_l2-category`, `by_source`, `by_task` where a benchmark file has several; "vsp": per level, both
 rules), `records/<system>_<task>.jsonl` (one line per sample; latency_s null where untimed),
-`results.md` (the main table, accuracy per size, VSP per level) and `pareto.png`.
+`results.md` (the main table, accuracy per size and per category, VSP per level) and `pareto.png`.
+A results column ("task" above) is a generated task, the VSP maps, or a dataset file of `--data`,
+named by the file: VLMEvalKit TSVs are scored by their benchmark's rule (`vlmeval.headline`, with
+"rule" and its side figures in the entry) and written again to `predictions/<system>_<file>.jsonl`
+in VLMEvalKit's prediction layout; a file mixing tasks scores each sample by its own task.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -50,6 +56,7 @@ from tqdm import tqdm
 from visual_opsd.backends import BackendOptions
 from visual_opsd.backends.base import Backend
 from visual_opsd.config import to_dict
+from visual_opsd.distributed import Dist
 from visual_opsd.errors import ConfigError
 from visual_opsd.sample import Sample
 from visual_opsd.sft import EvalMode, batches, predict
@@ -146,12 +153,14 @@ def evaluate(
     desc: str | None = None,
     progress: bool = True,
     score: Callable[[Sample, str], dict] | None = None,
+    dist: Dist | None = None,
 ) -> EvalResult:
     """Accuracy and tokens from greedy predictions of every sample, decoded `batch_size` at a time;
     latency from `latency_n` samples (`latency_items`) decoded again at batch size 1 after `warmup`
     untimed ones. Scored with the task's scorer (`task` None: each sample's own task), or with `score`
     (sample, prediction) -> record fields including "correct" (e.g. both VSP rules). `image_skips`: see
-    `sft.predict` (text modes)."""
+    `sft.predict` (text modes). Under `accelerate launch` (`dist`) every process decodes its share
+    of the accuracy pass and the answers are gathered; rank 0 alone times the latency pass."""
     if not samples:
         raise ValueError("evaluate: no samples")
     if batch_size < 1 or latency_n < 1 or warmup < 0 or image_skips < 0:
@@ -161,22 +170,31 @@ def evaluate(
     def run(chunk: list[Sample]) -> list[str]:
         return predict(backend, chunk, mode, max_new_tokens, vt_steps, len(chunk), seed, image_skips=image_skips)
 
-    texts = [""] * len(samples)
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    mine = list(range(rank, len(samples), world))  # strided: every rank gets all sizes
+    texts: dict[int, str] = {}
     latency: dict[int, float] = {}
-    bar = tqdm(total=len(samples), desc=desc or f"eval {mode}", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(mine), desc=desc or f"eval {mode}", disable=not progress or rank > 0, dynamic_ncols=True,
+               leave=False)
     with torch.no_grad(), bar:
-        for idx in batches(samples, batch_size):  # the accuracy pass: batched, greedy
-            for i, text in zip(idx, run([samples[i] for i in idx]), strict=True):
-                texts[i] = text
+        for idx in batches([samples[i] for i in mine], batch_size):  # the accuracy pass: batched, greedy
+            for j, text in zip(idx, run([samples[mine[j]] for j in idx]), strict=True):
+                texts[mine[j]] = text
             bar.update(len(idx))
-        for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection at batch size 1
-            run([s])
-        for i in latency_items(len(samples), latency_n):  # the latency pass: the whole pipeline, batch size 1
-            t0 = time.perf_counter()
-            run([samples[i]])
-            latency[i] = time.perf_counter() - t0
+        if dist is not None and world > 1:
+            texts = {i: t for part in dist.gather_objects(texts) for i, t in part.items()}
+        if rank == 0:
+            for s in samples[:warmup]:  # untimed: first-call allocations and kernel selection at batch size 1
+                run([s])
+            for i in latency_items(len(samples), latency_n):  # the latency pass: the whole pipeline, batch size 1
+                t0 = time.perf_counter()
+                run([samples[i]])
+                latency[i] = time.perf_counter() - t0
+        if dist is not None and world > 1:
+            latency = dist.gather_objects(latency)[0]  # rank 0's timings: every rank builds the same records
     records = []
-    for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
+    for i, s in enumerate(samples):
+        text = texts[i]
         scorer = task or get_task(s.task)
         record = {"id": s.id, "task": s.task or scorer.name, "mode": mode, "prediction": text,
                   "parsed": scorer.extract_answer(text), "answer": s.answer, "latency_s": latency.get(i),
@@ -312,11 +330,13 @@ def evaluate_systems(
     seed: int = 0,
     progress: bool = True,
     load: Callable[[Path], Backend] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, dict]:
     """Every system on every benchmark (`benchmarks(backend)` gives them, e.g. mazes rendered at the
     backend's cell size), with `evaluate`'s options; writes `out/records/<system>_<benchmark>.jsonl`
     and returns results.json's content. A system's accuracy is the mean over its tasks (the paper's
-    "mean" column); its tokens are the mean over all its samples, its latency over all its timed ones."""
+    "mean" column); its tokens are the mean over all its samples, its latency over all its timed ones.
+    Under `accelerate launch` (`dist`) the processes share the decoding; rank 0 writes and prints."""
     from visual_opsd.backends import open_backend
 
     load = load or open_backend
@@ -334,22 +354,26 @@ def evaluate_systems(
             result = evaluate(backend, bench.samples, bench.task, system.mode, vt_steps=vt_steps,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, latency_n=latency_n,
                               warmup=warmup, image_skips=image_skips, seed=seed, progress=progress,
-                              desc=f"eval {system.name} {bench.name}", score=bench.score)
-            write_records(result, out / "records" / f"{system.name}_{bench.name}.jsonl")
+                              desc=f"eval {system.name} {bench.name}", score=bench.score, dist=dist)
+            main = dist is None or dist.is_main
+            if main:
+                write_records(result, out / "records" / f"{system.name}_{bench.name}.jsonl")
             entry["tasks"][bench.name] = result.summary()
             if bench.from_vlmeval:  # the benchmark's own rule, and the predictions in VLMEvalKit's layout
                 rule = headline(bench.name, result.records)
                 entry["tasks"][bench.name].update(rule)
                 result.accuracy, result.ci95 = rule["accuracy"], rule["ci95"]
-                _write_jsonl([prediction_row(s, r["prediction"]) for s, r in zip(bench.samples, result.records,
-                                                                                strict=True)],
-                             out / "predictions" / f"{system.name}_{bench.name}.jsonl")
+                if main:
+                    rows = [prediction_row(s, r["prediction"])
+                            for s, r in zip(bench.samples, result.records, strict=True)]
+                    _write_jsonl(rows, out / "predictions" / f"{system.name}_{bench.name}.jsonl")
             if bench.name == VSP:
                 entry[VSP] = vsp_summary(result.records, result.records[0]["rule"])
             all_records += result.records
-            print(f"  {system.name:20s} {bench.name:8s} acc {result.accuracy:5.1f}% "
-                  f"[{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  n {result.n}  {result.latency_s:.3f} s/sample  "
-                  f"{result.tokens:.0f} tokens", flush=True)
+            if main:
+                print(f"  {system.name:20s} {bench.name:8s} acc {result.accuracy:5.1f}% "
+                      f"[{result.ci95[0]:.1f}, {result.ci95[1]:.1f}]  n {result.n}  {result.latency_s:.3f} s/sample  "
+                      f"{result.tokens:.0f} tokens", flush=True)
         pooled = summarize(all_records)
         entry.update(accuracy=sum(t["accuracy"] for t in entry["tasks"].values()) / len(entry["tasks"]),
                      latency_s=pooled["latency_s"], latency_n=pooled["latency_n"], tokens=pooled["tokens"])
@@ -654,16 +678,23 @@ def run_eval(cfg: EvaluateConfig) -> dict[str, dict]:
         model_dir(s)  # a typo in the last system fails now, not after the others ran
     benchmarks = eval_benchmarks(cfg)
     out = Path(cfg.out_dir)
+    dist = Dist.create() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None  # under accelerate launch
     t0 = time.perf_counter()
     results = evaluate_systems(systems, benchmarks, out, vt_steps=cfg.vt_steps, max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.batch_size, latency_n=cfg.latency_n, warmup=cfg.warmup,
                                image_skips=cfg.image_skips, seed=cfg.seed, progress=cfg.progress,
-                               load=lambda path: open_backend(path, cfg.backend))
+                               load=lambda path: open_backend(path, cfg.backend), dist=dist)
+    if dist is not None:
+        dist.close()
+        if not dist.is_main:
+            return results
     skips = ("one text round, no image skip" if cfg.image_skips == 0 else
              f"at most {cfg.image_skips} image skip(s) per answer")
     notes = [f"Data: {_data_note(cfg)}.",
              f"Accuracy: greedy decoding in batches of {cfg.batch_size}, 95% Wilson intervals; a system's accuracy "
              f"is the mean over its tasks. Text-only modes: {skips}.",
+             *([f"Decoding shared by {dist.world} processes (accelerate launch); latency timed on rank 0."]
+               if dist is not None else []),
              f"Latency: batch size 1 on {cfg.latency_n} evenly spaced samples per task after {cfg.warmup} warm-up "
              f"samples, the whole pipeline per sample, {cfg.threads} CPU thread(s) (torch); VTs with "
              f"{cfg.vt_steps} denoising steps. Tokens: all samples.",

@@ -24,7 +24,7 @@ import torch
 
 from visual_opsd.backends.base import Backend, Context
 from visual_opsd.sample import Sample
-from visual_opsd.tasks.base import Task
+from visual_opsd.tasks.base import Task, scorer_of
 
 
 @dataclass
@@ -61,9 +61,11 @@ class Rollout:
             "rollout/truncated": sum(not f for f in self.finished) / rows,
             "rollout/image_skip_rate": sum(s > 0 for s in self.image_skips) / rows,
         }
-        if task is not None:
-            out["rollout/parsable"] = sum(task.extract_answer(t) is not None for t in self.texts) / rows
-            correct = [task.is_correct(self.samples[r // self.n], t) for r, t in enumerate(self.texts)]
+        if task is not None:  # each completion by its sample's own task (`task` where it has none)
+            scorers = [scorer_of(self.samples[r // self.n], task) for r in range(len(self.texts))]
+            pairs = list(zip(scorers, self.texts, strict=True))
+            out["rollout/parsable"] = sum(t.extract_answer(x) is not None for t, x in pairs) / rows
+            correct = [t.is_correct(self.samples[r // self.n], x) for r, (t, x) in enumerate(pairs)]
             out["rollout/correct"] = sum(correct) / rows
         return out
 

@@ -30,6 +30,7 @@ The final model goes to `<out_dir>/final/`; `metrics.jsonl` gets one line per st
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from visual_opsd.errors import ConfigError, DataError
 from visual_opsd.optim import MetricsLog, adamw, lr_at, set_lr
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import TASKS, Task, get_task
+from visual_opsd.tasks.base import accuracy_by_task
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
 
 EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text", "vt_caption"]
@@ -233,6 +235,38 @@ def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -
     return task.generate(n, seed=cfg.seed, split=split, **options)
 
 
+def load_train_val(cfg: TaskDataConfig, task: Task, patch_size: int) -> tuple[list[Sample], list[Sample]]:
+    """The training and validation samples. A training dataset (`path`) without a `val_path` gives
+    `n_val` of its own samples to validation, spread evenly over the tasks it mixes
+    (`split_by_task`): validation then follows the data (e.g. ThinkMorph's four tasks) rather than
+    a generator of one task."""
+    train = load_samples(cfg, task, "train", patch_size)
+    if cfg.path is not None and cfg.val_path is None:
+        return split_by_task(train, cfg.n_val, cfg.seed, source=cfg.path)
+    return train, load_samples(cfg, task, "val", patch_size)
+
+
+def split_by_task(samples: list[Sample], n_val: int, seed: int, source: str = "") -> tuple[list[Sample], list[Sample]]:
+    """(train, val): `n_val` samples drawn at random (seeded), taken from each task in turn so that
+    every task of the mix is validated on; both keep the dataset's order."""
+    if n_val <= 0:
+        return samples, []
+    if n_val >= len(samples):
+        raise DataError(f"data.n_val={n_val} would leave no training samples of the {len(samples)} there are; "
+                        "lower data.n_val or give data.val_path", file=source or None)
+    rng = random.Random(seed)
+    by_task: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(s.task, []).append(i)
+    queues = [rng.sample(idx, len(idx)) for _, idx in sorted(by_task.items())]
+    picked: set[int] = set()
+    while len(picked) < n_val:
+        for q in queues:
+            if q and len(picked) < n_val:
+                picked.add(q.pop())
+    return [s for i, s in enumerate(samples) if i not in picked], [samples[i] for i in sorted(picked)]
+
+
 def check_model_folder(key: str, path: str | Path) -> None:
     """A ConfigError naming `key` unless `path` is a model folder of a registered family: checked
     before a command writes anything."""
@@ -354,7 +388,8 @@ def batches(samples: list[Sample], batch_size: int) -> list[list[int]]:
 
 
 def accuracy(task: Task, samples: list[Sample], predictions: list[str]) -> float:
-    return sum(task.is_correct(s, p) for s, p in zip(samples, predictions, strict=True)) / max(1, len(samples))
+    """The fraction right, each sample scored by its own task (`task` where it has none)."""
+    return accuracy_by_task(samples, predictions, task)[""]
 
 
 def run_sft(cfg: SFTConfig) -> Path:
@@ -367,7 +402,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise ConfigError(f"sft: the {type(backend).__name__} backend has no SFT examples (training_row / "
                           "sft_losses); fine-tune it with its own tools and start `train` from the result")
     patch = backend.cell_px
-    train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
+    train, val = load_train_val(cfg.data, task, patch)
     if cfg.data.trace in ("interleaved", "vt_caption") and not any(s.vt_images for s in train):
         raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")
     default_mode = {"interleaved": "interleaved", "text_only": "text", "vt_caption": "vt_caption"}
@@ -434,7 +469,8 @@ def _sft_validate(backend, task: Task, val: list[Sample], modes: list[str], cfg:
     for mode in modes:
         preds = predict(backend, val, mode, cfg.eval.max_new_tokens, cfg.eval.vt_steps, cfg.eval.batch_size,
                         cfg.seed, image_skips=cfg.eval.image_skips)
-        out[f"val/accuracy/{mode}"] = accuracy(task, val, preds)
+        for name, acc in accuracy_by_task(val, preds, task).items():  # and per task, when val mixes tasks
+            out[f"val/accuracy/{mode}" + (f"/{name}" if name else "")] = acc
     out["time/eval_s"] = time.perf_counter() - t0
     return out
 

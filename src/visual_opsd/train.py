@@ -40,6 +40,7 @@ fail before anything large is allocated.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -72,8 +73,9 @@ from visual_opsd.losses import (
 from visual_opsd.optim import MetricsLog, lr_at
 from visual_opsd.rollout import Rollout, collect_rollout, fit_rollout
 from visual_opsd.sample import Sample
-from visual_opsd.sft import TaskDataConfig, load_samples, open_model, predict
+from visual_opsd.sft import TaskDataConfig, load_train_val, open_model, predict
 from visual_opsd.tasks import Task, get_task
+from visual_opsd.tasks.base import scorer_of
 from visual_opsd.teacher import Teacher
 from visual_opsd.vt import teacher_contexts
 
@@ -367,7 +369,7 @@ def run_train(cfg: TrainConfig) -> Path:
     clean = False
     try:
         if run.state.step == 0 and run.val:
-            run.log.write({"step": 0, "val/accuracy": validate(run, step=0)})
+            run.log.write({"step": 0, **validate(run, step=0)})
         bar = tqdm(range(run.state.step, cfg.optim.steps), initial=run.state.step, total=cfg.optim.steps,
                    desc=f"opsd vt={cfg.teacher.vt_mode} teacher={cfg.teacher.mode}",
                    disable=not cfg.progress or not run.dist.is_main, dynamic_ncols=True)
@@ -388,7 +390,7 @@ def run_train(cfg: TrainConfig) -> Path:
             if not finite:
                 skip_step(run, done, record, [run.train[i].id for i in prompts], loss, grad_norm)
             elif run.val and (done % cfg.eval.every == 0 or done == cfg.optim.steps):
-                record["val/accuracy"] = validate(run, done)
+                record.update(validate(run, done))
             run.state.step = done
             stopping = cfg.stop_at_step is not None and done >= cfg.stop_at_step
             if done % cfg.save_every == 0 or done == cfg.optim.steps or stopping:
@@ -423,7 +425,7 @@ def open_run(cfg: TrainConfig) -> Run:
     backend.disable_dropout()  # on-policy: the student is scored by the policy that sampled (no dropout)
     task = get_task(cfg.data.task)
     patch = backend.cell_px
-    train, val = load_samples(cfg.data, task, "train", patch), load_samples(cfg.data, task, "val", patch)
+    train, val = load_train_val(cfg.data, task, patch)
     micro = prompts_per_rank(cfg.optim, dist.world) // cfg.optim.grad_accum
     check_budget(cfg, backend, train, micro * cfg.rollout.n)  # before the optimizer state exists
     # the engine lays the weights out (FSDP2 shards, ZeRO partitions) before the teacher's shadow
@@ -559,16 +561,29 @@ def save_last(run: Run) -> None:
     run.dist.barrier()  # no rank runs ahead of a checkpoint being written
 
 
-def validate(run: Run, step: int) -> float:
+def validate(run: Run, step: int) -> dict[str, float]:
     """Greedy text-only accuracy of the student on the validation split (never test), sharded over
-    ranks; one text round (`eval.image_skips` 0), as the final evaluation. A new best is kept in
-    `best/` (every rank takes part; rank 0 writes)."""
+    ranks; one text round (`eval.image_skips` 0), as the final evaluation: `val/accuracy`, and
+    `val/accuracy/<task>` when the split mixes tasks (each sample scored by its own). A new best is
+    kept in `best/` (every rank takes part; rank 0 writes)."""
     cfg, dist = run.cfg, run.dist
     run.engine.layout.gather()  # sharded: gathered before decoding (ranks decode different lengths)
     mine = run.val[dist.rank :: dist.world]
     preds = predict(run.backend, mine, "text", cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                     seed=cfg.seed, image_skips=cfg.eval.image_skips)
-    acc = dist.sum(sum(run.task.is_correct(s, p) for s, p in zip(mine, preds, strict=True))) / max(1, len(run.val))
+    hits: dict[str, int] = {}  # right answers per task on this rank, summed over ranks below
+    for s, p in zip(mine, preds, strict=True):
+        task = scorer_of(s, run.task)
+        hits[task.name] = hits.get(task.name, 0) + bool(task.is_correct(s, p))
+    counts = collections.Counter(scorer_of(s, run.task).name for s in run.val)
+    right = {name: dist.sum(hits.get(name, 0)) for name in sorted(counts)}  # every rank, every task: collective
+    acc = sum(right.values()) / max(1, len(run.val))
+    out = {"val/accuracy": acc}
+    if len(counts) > 1:
+        out.update({f"val/accuracy/{name}": right[name] / counts[name] for name in counts})
+    if dist.is_main:  # above the progress bar, or a plain line in a batch job's log
+        tqdm.write(f"step {step}: val accuracy {acc:.3f}" + "".join(f", {k[13:]} {v:.3f}" for k, v in out.items()
+                                                                   if k != "val/accuracy"))
     if acc > run.state.best:
         run.state.best, run.state.best_step = acc, step
         with run.engine.whole_weights() as whole:  # every rank (a collective when sharded)
@@ -576,7 +591,7 @@ def validate(run: Run, step: int) -> float:
                 with atomic_dir(run.out / "best", manifest=True) as tmp:
                     run.backend.save(tmp / "model", state=whole)
                     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "val/accuracy": acc}))
-    return acc
+    return out
 
 
 def _checkpoint_step(path: Path) -> int | None:

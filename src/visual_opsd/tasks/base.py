@@ -28,6 +28,32 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
+def scorer_of(sample: Sample, default: Task) -> Task:
+    """The task that scores `sample`: its own (a dataset may mix tasks), or `default` for a sample
+    without one. A task no one registered is a DataError naming the sample and the known tasks."""
+    if not sample.task or sample.task == default.name:
+        return default
+    if sample.task not in TASKS:
+        from visual_opsd.errors import DataError
+
+        raise DataError(f"unknown task {sample.task!r}; known tasks: {', '.join(sorted(TASKS))}", row=sample.id,
+                        field="task")
+    return TASKS[sample.task]()
+
+
+def accuracy_by_task(samples: list[Sample], predictions: list[str], default: Task) -> dict[str, float]:
+    """Accuracy (fraction) over all samples under "" and, when they mix tasks, per task by name."""
+    hits: dict[str, list[bool]] = {}
+    for s, p in zip(samples, predictions, strict=True):
+        task = scorer_of(s, default)
+        hits.setdefault(task.name, []).append(bool(task.is_correct(s, p)))
+    flat = [h for v in hits.values() for h in v]
+    out = {"": sum(flat) / max(1, len(flat))}
+    if len(hits) > 1:
+        out.update({name: sum(v) / len(v) for name, v in sorted(hits.items())})
+    return out
+
+
 class Task(ABC):
     name: str = ""
 

@@ -2,7 +2,8 @@
 
 They score samples that come from files; they have no generator. Multiple choice reads the
 option letter a model commits to (`choice.extract_choice`: an answer block, a box, "Answer: B",
-"(B)", the option's text) and compares it with the sample's answer letter. Short answer takes the
+"(B)", the option's text, and as VLMEvalKit a short answer naming one option's text) and compares
+it with the sample's answer letter (docs/benchmarks.md compares the verdicts with VLMEvalKit's). Short answer takes the
 last `\\boxed{...}`, else the content of the last answer block, else the last non-empty line,
 and counts it right when it equals the answer (case and surrounding punctuation aside) or, when
 both are numbers, when it is within 5% of the answer (ChartQA's relaxed accuracy).
@@ -34,7 +35,7 @@ class MultipleChoice(_FromFiles):
         return extract_choice(text)
 
     def is_correct(self, sample: Sample, prediction: str) -> bool:
-        return extract_choice(prediction, choices=sample.choices) == sample.answer.strip()
+        return extract_choice(prediction, choices=sample.choices, text_match=True) == sample.answer.strip()
 
     def validate(self, sample: Sample) -> list[tuple[str, str]]:
         if not sample.choices:

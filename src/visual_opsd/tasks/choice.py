@@ -11,6 +11,9 @@ that yields a letter within range wins:
 3. phrases such as "answer is (B)", "Answer: B", "the correct option is B" (last one wins);
 4. a bare letter alone on the last non-empty line ("B", "(B)", "B.").
 
+5. (`text_match`, the benchmark files' multiple choice, as VLMEvalKit) a short answer containing
+   exactly one option's text ("It is a dog.").
+
 Letters are uppercase only and must stand alone: the "A" in "Apple" or the "I" in "I think" (when
 I is not an option) never count. When the option texts are given, an answer that repeats one of
 them verbatim (e.g. `\\boxed{3 1 4 2}`) maps to its letter.
@@ -112,19 +115,32 @@ def _extract_free(text: str, n: int, choices: Sequence[str] | None) -> str | Non
     return None
 
 
-def extract_choice(text: str, n_choices: int | None = None, choices: Sequence[str] | None = None) -> str | None:
+def extract_choice(
+    text: str, n_choices: int | None = None, choices: Sequence[str] | None = None, text_match: bool = False
+) -> str | None:
     """The option letter `text` commits to, or None.
 
     `n_choices` limits the letters (A.. the n-th); it defaults to `len(choices)` when the option
-    texts are given, else to all 26 letters. See the module docstring for the rules.
+    texts are given, else to all 26 letters. See the module docstring for the rules. `text_match`
+    adds VLMEvalKit's last resort (`can_infer_text`): a short answer (at most twice the options'
+    total length) that contains exactly one option's text names that option ("It is a dog.").
     """
     n = n_choices if n_choices is not None else (len(choices) if choices else len(LETTERS))
     n = min(n, len(LETTERS))
     blocks = _ANSWER_BLOCK.findall(text)
-    if blocks:
-        block = blocks[-1]
-        return _letter_of_span(block, n, choices) or _extract_free(block, n, choices)
-    return _extract_free(text, n, choices)
+    span = blocks[-1] if blocks else text
+    found = (_letter_of_span(span, n, choices) if blocks else None) or _extract_free(span, n, choices)
+    if found is None and text_match and choices:
+        found = _contained_option(span, choices[:n])
+    return found
+
+
+def _contained_option(text: str, choices: Sequence[str]) -> str | None:
+    text = text.lower()
+    if not text.strip() or len(text) > 2 * sum(len(c) for c in choices):
+        return None
+    hits = [i for i, c in enumerate(choices) if c.strip() and c.lower() in text]
+    return letter(hits[0]) if len(hits) == 1 else None
 
 
 _OPTION_MARK = re.compile(r"\(([A-Z])\)[ \t]*")
