@@ -651,7 +651,10 @@ def test_contexts_segments_and_positions(backend):
     st = backend.build_context(s, "student")
     te = backend.build_context(s, "teacher")
     assert [seg.kind for seg in te.segments].count("vt_image") == 2
-    assert te.spans("problem_image") == st.spans("problem_image") == [(1, 37)]  # 6x6 ViT patches after a marker
+    assert te.items[0].segment == "text" and backend.options.system_prompt  # ThinkMorph's system turn first
+    sp = len(te.items[0].ids)
+    # 6x6 ViT patches after a marker
+    assert te.spans("problem_image") == st.spans("problem_image") == [(sp + 1, sp + 37)]
     # image blocks take one position each: next position = text ids + number of images
     n_text = sum(len(it.ids) for it in te.items if it.kind == "text")
     assert te.next_pos == n_text + 3 and st.items[-1].ids == [backend.bos_id]
@@ -764,7 +767,8 @@ def test_generate_interleaved_end_to_end(backend, monkeypatch):
 
     monkeypatch.setattr("visual_opsd.backends.bagel.next_token", scripted)
     ctx = b.build_context(_samples(1)[0], "student")
-    assert ctx.items[0].vae_pixels is not None  # problem images also enter as VAE blocks here
+    problem = next(it for it in ctx.items if it.segment == "problem_image")
+    assert problem.vae_pixels is not None  # problem images also enter as VAE blocks here
     out = b.generate_interleaved(
         [ctx], max_new_tokens=40, vt_steps=3, max_images=1, generator=torch.Generator().manual_seed(0)
     )[0]
@@ -788,6 +792,46 @@ def test_example_config_validates():
     assert isinstance(opts, BagelLoadOptions) and opts.understanding_only and opts.gradient_checkpointing
     assert (cfg.teacher.mode, cfg.teacher.ema_decay, cfg.loss.top_k, cfg.loss.clip) == ("ema", 0.995, 256, 0.05)
     assert cfg.optim.lr == 1e-5 and cfg.optim.prompts_per_step == 16 and cfg.optim.steps == 1000
+
+
+# ThinkMorph's training pipeline, as its released code has it: the inferencer's thinking system
+# prompt (VLM_THINK_SYSTEM_PROMPT, thinkmorph/inferencer.py), the ViT ImageTransform of training
+# (max 980, min 378, stride 14) and its pixel cap; the reference's values, typed out here.
+REFERENCE_SYSTEM_PROMPT = """
+Let's think step by step to answer the question. For text-based thinking, enclose the process within <think> </think>, e.g. <think> thinking process here </think>. For visual thinking, enclose the content within <image_start> </image_end>, e.g. <image_start> thinking image here </image_end>. Finally conclude with the final answer wrapped in <answer></answer> tags, i.e.<answer> answer here </answer>.
+"""  # noqa: E501
+
+
+def test_thinkmorph_recipe_is_the_default(folder):
+    """A BAGEL folder opened for a run asks as ThinkMorph's training pipeline does: its system prompt
+    first on both sides, its ViT transform and pixel cap; each can be overridden in `backend:`."""
+    from visual_opsd.backends.bagel import BagelOptions
+    from visual_opsd.backends.bagel_flow import resize_size
+    from visual_opsd.config import load_config
+    from visual_opsd.train import TrainConfig
+
+    o = BagelOptions()
+    assert o.system_prompt == REFERENCE_SYSTEM_PROMPT
+    assert (o.vit_transform, o.max_pixels) == ((980, 378, 14), 2_007_040)
+    assert resize_size(1200, 600, *o.vit_transform, o.max_pixels) == (980, 490)  # long side to 980, stride 14
+    assert resize_size(200, 100, *o.vit_transform, o.max_pixels) == (756, 378)  # short side up to 378
+    # the shipped example config keeps them (no 518/224 override: that is the KL script's transform)
+    example = Path(__file__).resolve().parents[1] / "configs" / "examples" / "train_thinkmorph7b.yaml"
+    cfg = load_config(TrainConfig, example)
+    assert cfg.backend.vit_transform is None and cfg.backend.system_prompt is None
+    b = BagelBackend.from_options(folder, BagelLoadOptions(dtype="float32", vit_transform=(24, 8, 4)), device="cpu")
+    s = _samples(1)[0]
+    student, teacher = b.build_context(s, "student"), b.build_context(s, "teacher")
+    system = b._text(REFERENCE_SYSTEM_PROMPT)
+    assert student.items[0].ids == teacher.items[0].ids == system
+    framing = next(it for it in teacher.items if it.segment == "framing")
+    assert framing.ids == b._text(b.options.framing_text)
+    # overridable: no system turn, other framing texts
+    plain = BagelBackend.from_options(folder, BagelLoadOptions(dtype="float32", system_prompt="", framing_text="See:",
+                                                               transition_text="Go."), device="cpu")
+    t = plain.build_context(s, "teacher")
+    assert t.items[0].segment == "problem_image" and plain.options.framing_text == "See:"
+    assert [it.ids for it in t.items if it.segment == "framing"] == [plain._text("See:")]
 
 
 def test_output_attentions_for_diagnostics(fp32_backend):

@@ -114,17 +114,32 @@ class HFTokenizer:
 # options and contexts
 
 
+# ThinkMorph's thinking system prompt (its inferencer's VLM_THINK_SYSTEM_PROMPT, newlines included):
+# the reference starts both the student's and the teacher's context with it
+THINKMORPH_SYSTEM_PROMPT = (
+    "\nLet's think step by step to answer the question. For text-based thinking, enclose the process within "
+    "<think> </think>, e.g. <think> thinking process here </think>. For visual thinking, enclose the content "
+    "within <image_start> </image_end>, e.g. <image_start> thinking image here </image_end>. Finally conclude "
+    "with the final answer wrapped in <answer></answer> tags, i.e.<answer> answer here </answer>.\n"
+)
+# The ViT transform of ThinkMorph's training pipeline (max side, min side, stride) and its pixel cap;
+# the 518/224 transform is only the reference's KL-diagnostic script's
+TRAINING_VIT_TRANSFORM = (980, 378, 14)
+TRAINING_MAX_PIXELS = 2_007_040
+
+
 @dataclass
 class BagelOptions:
-    """Backend settings saved in bagel_config.json["backend"]; transforms are (max side, min side, stride)."""
+    """Backend settings saved in bagel_config.json["backend"]; transforms are (max side, min side, stride).
+    The defaults are ThinkMorph's training pipeline's (system prompt, ViT transform, pixel cap)."""
 
     framing_text: str = DEFAULT_FRAMING
     transition_text: str = DEFAULT_TRANSITION
-    system_prompt: str | None = None
+    system_prompt: str | None = THINKMORPH_SYSTEM_PROMPT
     max_vt_images: int = 8
-    vit_transform: tuple[int, int, int] = (518, 224, 14)  # Visual-OPSD scripts; the BAGEL notebook uses 980
+    vit_transform: tuple[int, int, int] = TRAINING_VIT_TRANSFORM
     vae_transform: tuple[int, int, int] = (1024, 512, 16)
-    max_pixels: int = 1806336
+    max_pixels: int = TRAINING_MAX_PIXELS
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 2.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
@@ -142,7 +157,17 @@ class BagelLoadOptions:
     dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={"help": "weight dtype"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     vit_transform: tuple[int, int, int] | None = field(
-        default=None, metadata={"help": "ViT resize (max side, min side, stride); null = the folder's"})
+        default=None, metadata={"help": "ViT resize (max side, min side, stride); null = the folder's, else "
+                                        "ThinkMorph's training transform (980, 378, 14)"})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "pixel cap of an image; null = the folder's, else 2,007,040 (ThinkMorph)"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system turn of both contexts; null = the folder's, else ThinkMorph's "
+                                        "thinking prompt; \"\" for none"})
+    framing_text: str | None = field(
+        default=None, metadata={"help": "teacher context: the text before the VTs; null = the folder's / default"})
+    transition_text: str | None = field(
+        default=None, metadata={"help": "teacher context: the text after the VTs; null = the folder's / default"})
     device: str = field(
         default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is visible, else cpu), cpu, cuda:N"})
 
@@ -410,6 +435,10 @@ class BagelBackend(Backend):
         b.model.gradient_checkpointing = opts.gradient_checkpointing
         if opts.vit_transform is not None:
             b.options.vit_transform = tuple(opts.vit_transform)
+        for name in ("max_pixels", "system_prompt", "framing_text", "transition_text"):
+            if getattr(opts, name) is not None:
+                setattr(b.options, name, getattr(opts, name))
+        b.options.system_prompt = b.options.system_prompt or None  # "": no system turn
         return b
 
     @classmethod
