@@ -223,8 +223,10 @@ def test_images_fit_and_patchify_round_trip():
     rng = np.random.default_rng(1)
     big = _image(rng, 6, px=64)  # a 64 px-per-cell render shrinks to one patch per cell
     assert fit_image(big, 4, 8).size == (24, 24)
-    with pytest.raises(ValueError, match="multiples of patch_size"):
-        fit_image(Image.new("RGB", (10, 12)), 4, 8)
+    # any other image (a benchmark's photo) is resized to whole patches, aspect kept, within max_grid
+    assert fit_image(Image.new("RGB", (10, 12)), 4, 8).size == (8, 12)
+    assert fit_image(Image.new("RGB", (640, 480)), 4, 8).size == (32, 24)
+    assert fit_image(Image.new("RGB", (900, 30)), 4, 8).size == (32, 4)  # at least one patch a side
     px = to_pixels(_image(rng, 3))
     assert px.shape == (3, 12, 12) and px.min() >= -1 and px.max() <= 1
     patches = patchify(px, 4)

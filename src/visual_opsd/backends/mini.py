@@ -95,7 +95,9 @@ def fit_image(image: Image.Image, patch_size: int, max_grid: int, cells: int | N
     patch per cell only when the cell count allows it (a 3x3 map at 64 px per cell, 48 patches a side
     at patch_size 4, fits after halving three times, as 6x6 patches). With `cells` (the image is a
     `cells` x `cells` map, e.g. a VSP image of a level-`cells` map) each cell is instead resized on
-    its own to one patch (`maze.resize_cells`, area-averaging), whatever the image's size."""
+    its own to one patch (`maze.resize_cells`, area-averaging), whatever the image's size. Any other
+    image (a benchmark file's photo) is resized, aspect kept, to fit `max_grid` patches a side, each
+    side a whole number of patches."""
     if cells is not None:
         from visual_opsd.tasks.maze import resize_cells  # the maze task is not needed otherwise
 
@@ -104,18 +106,15 @@ def fit_image(image: Image.Image, patch_size: int, max_grid: int, cells: int | N
         return resize_cells(image, cells, patch_size)
     image = image.convert("RGB")
     w, h = image.size
-    if w % patch_size or h % patch_size:
-        raise ValueError(
-            f"image of {w}x{h} px: sides must be multiples of patch_size={patch_size} "
-            f"(render mazes with cell_px={patch_size}, one patch per cell)"
-        )
-    gw, gh = w // patch_size, h // patch_size
-    f = 1
-    while gw % f == 0 and gh % f == 0:
-        if gw // f <= max_grid and gh // f <= max_grid:
-            return image if f == 1 else image.reduce(f)
-        f *= 2
-    raise ValueError(f"image of {gw}x{gh} patches does not shrink by a power of two to <= {max_grid} a side")
+    if w % patch_size == 0 and h % patch_size == 0:  # our renders: exact halvings keep cells whole
+        gw, gh, f = w // patch_size, h // patch_size, 1
+        while gw % f == 0 and gh % f == 0:
+            if gw // f <= max_grid and gh // f <= max_grid:
+                return image if f == 1 else image.reduce(f)
+            f *= 2
+    scale = min(max_grid * patch_size / max(w, h), 1.0)
+    gw, gh = (max(1, min(max_grid, round(side * scale / patch_size))) for side in (w, h))
+    return image.resize((gw * patch_size, gh * patch_size), Image.Resampling.BOX)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
