@@ -8,7 +8,8 @@ module imports another test module.
 - short training runs: `run_overrides` (key=value overrides on a base such as `SHORT_RUN`;
   `dist_overrides` on `DIST_RUN`), `train_dumping_grads`, `one_process`, `cli` (`visual-opsd train` as a child process,
   optionally with a fault from `visual_opsd.faults` armed) and `launch` (`accelerate launch`);
-- what a run leaves: `metrics_rows`, `step_rows`, `weights`, `max_diff`, `assert_same`;
+- what a run leaves: `metrics_rows`, `step_rows`, `weights`, `optimizer_state` (whole or sharded checkpoints),
+  `max_diff`, `assert_same`;
 - data: `VSP_EXAMPLES` (the shipped VSP maps), `random_image`, `pixels`.
 """
 
@@ -22,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from visual_opsd import sharded_checkpoint
 from visual_opsd.backends.mini import MiniBackend
 from visual_opsd.config import load_config
 from visual_opsd.faults import DUMP_ENV, ENV
@@ -185,11 +188,11 @@ def _free_port() -> int:
 
 def launch(
     n: int, args: list[str], timeout: float = 120, config: str | None = None, command: str = "train",
-    **env_extra: str
+    check: bool = True, **env_extra: str
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` N CPU processes (torchrun underneath, gloo) running `visual-opsd <command>`
     (train by default), with a shipped accelerate `config` (configs/accelerate/) when given (fp32:
-    --mixed_precision no). Fails the test unless the launch exits 0."""
+    --mixed_precision no). Fails the test unless the launch exits 0 (`check`; off for killed runs)."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **env_extra}
     engine = ["--config_file", str(ROOT / "configs" / "accelerate" / config)] if config else ["--multi_gpu"]
     cmd = [
@@ -213,7 +216,7 @@ def launch(
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -232,12 +235,34 @@ def step_rows(out: Path) -> list[dict]:
 
 def weights(folder: Path, teacher: bool | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's student weights plus its teacher's as `teacher/NAME`: the teacher when it has
-    one (`teacher=None`), or required (`True`)."""
+    one (`teacher=None`), or required (`True`). A sharded checkpoint (FSDP2 runs) is exported to a
+    temporary model folder first (`visual-opsd export`), its shadow read whole."""
+    if sharded_checkpoint.is_sharded(folder):
+        exported = sharded_checkpoint.export(folder, Path(tempfile.mkdtemp()) / "model")
+        out = load_file(str(exported / "model.safetensors"))
+        shadow = sharded_checkpoint.read_whole(folder, "teacher/")
+        assert shadow or not teacher, f"{folder}: no teacher shadow"
+        out.update({f"teacher/{k}": v for k, v in shadow.items()})
+        return out
     out = load_file(str(folder / "model" / "model.safetensors"))
     shadow = folder / "teacher.safetensors"
     if teacher or (teacher is None and shadow.is_file()):
         out.update({f"teacher/{k}": v for k, v in load_file(str(shadow)).items()})
     return out
+
+
+def optimizer_state(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """A checkpoint's AdamW state as whole tensors in torch's layout ({parameter index: {key: tensor}}),
+    from `optimizer.pt` or from a sharded checkpoint's shards."""
+    if not sharded_checkpoint.is_sharded(folder):
+        return torch.load(folder / "optimizer.pt", weights_only=True)["state"]
+    names = json.loads((folder / sharded_checkpoint.INFO).read_text())["names"]
+    moments = sharded_checkpoint.read_whole(folder, "optim/")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        name, _, item = key.rpartition("/")
+        state.setdefault(names.index(name), {})[item] = value
+    return state
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

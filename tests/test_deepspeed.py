@@ -18,6 +18,7 @@ import torch
 from helpers import DIST_STEPS, dist_overrides, launch, max_diff, one_process, step_rows, weights
 from safetensors.torch import load_file
 
+from visual_opsd import sharded_checkpoint
 from visual_opsd.backends.hf import HFBackend
 from visual_opsd.config import load_config
 from visual_opsd.faults import DUMP_ENV, ENV
@@ -87,6 +88,19 @@ def test_zero_checkpoints_resume_on_another_engine(tiny_model, single, tmp_path)
     assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
 
 
+def test_a_sharded_fsdp_checkpoint_resumes_under_zero(tiny_model, single, tmp_path):
+    """Step 1 under FSDP2 (last/ written as each rank's shards, torch.distributed.checkpoint), steps 2-3
+    under ZeRO-2: DeepSpeed gets the shards' optimizer state as whole tensors; the weights, teacher and
+    AdamW state of one uninterrupted process."""
+    out = tmp_path / "mixed"
+    launch(2, dist_overrides(tiny_model, out, shard_weights="true", stop_at_step=1))
+    assert sharded_checkpoint.is_sharded(out / "last")
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
+    assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert_optimizer_matches(single, out)
+    assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
+
+
 def test_zero3_skips_a_non_finite_step_on_every_rank(tiny_model, tmp_path, monkeypatch):
     """A NaN loss on rank 1 alone at step 2: DeepSpeed finds the non-finite gradient norm on every
     rank and skips the step; the run ends on the weights of one process that skipped step 2."""
@@ -114,8 +128,9 @@ def test_zero3_samples_rollouts_of_different_lengths_without_collectives(tiny_mo
 
 
 def test_zero3_runs_the_hugging_face_backend_as_one_process(tmp_path):
-    """ZeRO-3 gathers every weight itself, so the HF backend (which FSDP2 cannot shard: it calls its
-    inner model and output head outside the root forward) runs under it and matches one process."""
+    """ZeRO-3 gathers every weight itself, so the HF backend (which calls its inner model and output
+    head outside the root forward; FSDP2 needs `in_forward` for that) runs under it and matches one
+    process."""
     model = tmp_path / "model"
     HFBackend.tiny("qwen2_5_vl").save(model)
     one, two = one_process(model, tmp_path / "one"), tmp_path / "two"

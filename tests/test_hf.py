@@ -652,3 +652,16 @@ def test_diagnose_kl_opens_an_hf_folder_through_the_registry(tmp_path):
     assert metrics["kl/sanity/passed"] == 1.0
     k = [v for key, v in metrics.items() if key.startswith("kl/data/") and key.endswith("/mean")]
     assert k and all(v >= 0 and math.isfinite(v) for v in k)
+
+
+def test_fsdp_shards_full_fine_tuning_but_not_lora():
+    """Full fine-tuning may be sharded by FSDP2 (the 2-process run is in test_distributed.py); a LoRA
+    model stops at start pointing to data parallel or ZeRO-3; one process shards nothing."""
+    from visual_opsd.distributed import Dist
+    from visual_opsd.errors import ConfigError
+
+    full, lora = HFBackend.tiny("qwen2_5_vl"), HFBackend.tiny("qwen2_5_vl", HFOptions(lora=True, lora_r=4))
+    assert full.supports_sharding and not lora.supports_sharding
+    assert Dist(None).check_engine(full, shard_weights=True) == "torch"
+    with pytest.raises(ConfigError, match="HFBackend backend .*deepspeed_zero3.yaml"):
+        Dist(None).check_engine(lora, shard_weights=True)

@@ -301,7 +301,8 @@ def test_eval_over_a_mixed_set_of_files(tmp_path):
     assert all(isinstance(r["prediction"], str) for r in rows) and len(rows) == 4
     assert not (out / "predictions" / "m_ThinkMorph.jsonl").exists()
     md = (out / "results.md").read_text()
-    assert "## Accuracy per category (BLINK: subtask)" in md and "## Accuracy per task" in md
+    assert "## MMVP: accuracy per category" in md and "## ThinkMorph: accuracy per task" in md
+    assert "| orientation | 2 | " in md  # a row per category, a column per system
     assert "| m | SAT_circular | circular: a question counts if all its rotations are right |" in md
 
 

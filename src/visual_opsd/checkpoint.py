@@ -8,6 +8,8 @@ Training checkpoints also carry `manifest.json`: the size and SHA-256 of every f
 `verify_manifest` names any file that is missing, truncated or altered; `resolve_checkpoint` uses
 the previous good checkpoint (`last.prev/`, kept by `atomic_dir(..., keep_previous=True)`) when
 the requested one fails the check, or stops with a `CheckpointError` that says why.
+`shared_atomic_dir` is the same for a folder every process writes into (sharded checkpoints,
+`sharded_checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from visual_opsd.errors import CheckpointError
 
@@ -41,32 +44,64 @@ def atomic_dir(final_path: str | Path, *, manifest: bool = False, keep_previous:
     `manifest` writes `manifest.json` (size + SHA-256 of every file) once the body is done.
     """
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final_path.name + "-", dir=final_path.parent))
+    tmp = _temporary(final_path)
     try:
         yield tmp
-        if manifest:
-            write_manifest(tmp)
-        _fsync_tree(tmp)
-        old = None
-        previous = final_path.with_name(final_path.name + PREVIOUS_SUFFIX)
-        if keep_previous and final_path.exists():
-            # a crash between these renames leaves `previous` (good) and no `final_path`: the
-            # resume falls back to `previous`; nothing half-written is ever published
-            if previous.exists():
-                old = previous.with_name(f"{TMP_PREFIX}old-{previous.name}-{os.getpid()}")
-                os.replace(previous, old)
-            os.replace(final_path, previous)
-        elif final_path.exists():
-            old = final_path.with_name(f"{TMP_PREFIX}old-{final_path.name}-{os.getpid()}")
-            os.replace(final_path, old)
-        os.replace(tmp, final_path)
-        _fsync_dir(final_path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final_path, manifest, keep_previous)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final_path: str | Path, dist: Any, *, manifest: bool = False,
+                      keep_previous: bool = False) -> Iterator[Path]:
+    """`atomic_dir` written by every process of a run together (`dist`: `distributed.Dist`; every
+    rank enters it): rank 0 makes the temporary folder and tells the others its name, each rank
+    writes its own files into it, and once all are done (a barrier) rank 0 writes the manifest and
+    renames the folder into place. A rank that dies mid-write leaves only the temporary folder
+    (removed at the next start by `remove_stale_temporaries`), never a published half-checkpoint.
+    The folder must be on a file system every rank sees (one machine, or a shared one)."""
+    final_path = Path(final_path)
+    tmp = Path(dist.gather_objects(str(_temporary(final_path)) if dist.is_main else None)[0])
+    try:
+        yield tmp
+        dist.barrier()  # every rank's files are complete (and flushed by their writers)
+        if dist.is_main:
+            _publish(tmp, final_path, manifest, keep_previous)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _temporary(final_path: Path) -> Path:
+    """A new empty folder beside `final_path` (same file system: the final rename is atomic)."""
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final_path.name + "-", dir=final_path.parent))
+
+
+def _publish(tmp: Path, final_path: Path, manifest: bool, keep_previous: bool) -> None:
+    """The manifest, then `tmp` renamed to `final_path` (the old one moved aside or to `.prev`)."""
+    if manifest:
+        write_manifest(tmp)
+    _fsync_tree(tmp)
+    old = None
+    previous = final_path.with_name(final_path.name + PREVIOUS_SUFFIX)
+    if keep_previous and final_path.exists():
+        # a crash between these renames leaves `previous` (good) and no `final_path`: the
+        # resume falls back to `previous`; nothing half-written is ever published
+        if previous.exists():
+            old = previous.with_name(f"{TMP_PREFIX}old-{previous.name}-{os.getpid()}")
+            os.replace(previous, old)
+        os.replace(final_path, previous)
+    elif final_path.exists():
+        old = final_path.with_name(f"{TMP_PREFIX}old-{final_path.name}-{os.getpid()}")
+        os.replace(final_path, old)
+    os.replace(tmp, final_path)
+    _fsync_dir(final_path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -131,6 +131,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--configs", metavar="DIR", help="folder of the *_demo.yaml configs (default: the checkout's)")
     demo.set_defaults(handler=_demo)
 
+    # export -----------------------------------------------------------------------------------
+    export = commands.add_parser(
+        "export",
+        help="turn a training checkpoint (sharded or whole) into a model folder that eval, diagnose and train open",
+        description=(
+            "Writes the student of CHECKPOINT (e.g. runs/opsd/last) in its model family's folder layout (Hugging "
+            "Face save_pretrained, BAGEL's released layout, mini). A sharded checkpoint (FSDP2 runs: "
+            "torch.distributed.checkpoint shards) is loaded into the model folder its run started from; a whole "
+            "one's model/ is copied. One process, no launcher."
+        ),
+    )
+    export.add_argument("checkpoint", help="a training checkpoint folder (last/); falls back to last.prev/ if corrupt")
+    export.add_argument("--out", required=True, help="the model folder to write (must not exist or be empty)")
+    export.add_argument("--model-from", metavar="DIR",
+                        help="the model folder the run started from (default: the one the checkpoint records)")
+    export.set_defaults(handler=_export)
+
     # config-driven commands -------------------------------------------------------------------
     for name, (help_text, loader) in CONFIG_COMMANDS.items():
         if name == "diagnose":  # a config command with its own positional and flags
@@ -240,7 +257,8 @@ def _add_diagnose_command(commands, help_text: str, loader: Callable[[], tuple],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmd.add_argument("what", nargs="?", metavar="{interventions,attention,kl,all}", help="the diagnostic to run")
-    cmd.add_argument("--model", metavar="DIR", help="the unified model to diagnose (e.g. the SFT teacher's final/)")
+    cmd.add_argument("--model", metavar="DIR",
+                     help="the unified model to diagnose (e.g. the SFT teacher's final/, or a Hub id org/name)")
     cmd.add_argument("--post", metavar="[NAME=]CKPT", action="append", default=[],
                      help="kl: a trained model for K_post and the gap closure (repeatable)")
     cmd.add_argument("--config", help="YAML config file (see configs/diagnose_demo.yaml)")
@@ -290,7 +308,8 @@ def _add_eval_command(commands, help_text: str, loader: Callable[[], tuple], loa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmd.add_argument("--system", metavar="NAME=MODEL_DIR[:MODE]", action="append", default=[],
-                     help="a model folder and how to ask it; MODE: interleaved, given_vt, text (default) or "
+                     help="a model folder (or Hub id org/name[@rev]) and how to ask it; MODE: interleaved, "
+                     "given_vt, text (default) or "
                      "teacher_context (repeatable)")
     cmd.add_argument("--task", action="append", default=[], help="task to generate held-out data for (repeatable; "
                      "default maze, or none with --vsp)")
@@ -299,7 +318,8 @@ def _add_eval_command(commands, help_text: str, loader: Callable[[], tuple], loa
     cmd.add_argument("--seed", type=int, help="seed of the generated data (default 2, the demo's test set)")
     cmd.add_argument("--data", metavar="PATH", action="append", default=[],
                      help="evaluate on this dataset instead of generated data: a VLMEvalKit TSV, ThinkMorph "
-                     "parquet, native JSONL or folder; repeatable, one results column per file, named by it")
+                     "parquet, native JSONL or folder, or a Hub dataset id org/name[@rev]; repeatable, one results "
+                     "column per file, named by it")
     cmd.add_argument("--vsp", metavar="DIR", help="evaluate on the VSP maps of DIR (level{L}/{img,table}/{i}.*), "
                      "reported per level with both rules (add --task maze for generated mazes as well)")
     cmd.add_argument("--rule", choices=["strict", "vsp"], help="VSP headline rule; both are reported (default strict)")
@@ -359,6 +379,13 @@ def _demo(args) -> int:
 
     run_demo(args.out, quick=args.quick, progress=not args.no_progress, config_dir=args.configs, preset=args.preset,
              seed=args.seed)
+    return 0
+
+
+def _export(args) -> int:
+    from visual_opsd.sharded_checkpoint import export
+
+    print(f"export: {export(args.checkpoint, args.out, args.model_from)}")
     return 0
 
 

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from visual_opsd.errors import DataError
-from visual_opsd.images import checked_image_path, decode_image, image_path_problem
+from visual_opsd.images import checked_image_path, decode_image, image_path_problem, inside_root
 from visual_opsd.sample import Sample
 
 logger = logging.getLogger(__name__)
@@ -462,7 +462,7 @@ def _parse_native(raw: bytes, where: str, base: Path, file: str, max_vts: int, a
             problem = image_path_problem(rel, allow_outside)
             if problem is None and not (base / rel).is_file():
                 problem = f"image file not found: {rel}"
-            if problem is None and not allow_outside and not (base / rel).resolve().is_relative_to(base.resolve()):
+            if problem is None and not allow_outside and not (base / rel).resolve().is_relative_to(inside_root(base)):
                 problem = f"path {rel!r} leaves the dataset folder through a symbolic link"
             if problem is None:
                 try:

@@ -13,21 +13,22 @@ processes (any launcher accelerate supports: DDP, multi-node; gloo on CPU, NCCL 
 - parameters without a gradient on every rank stay without one (as in one process, where AdamW
   skips them), so N processes reproduce one process exactly up to float summation order;
 - metrics are reduced (sums for loss and token counts, means for rollout statistics) and written
-  by rank 0, which alone writes checkpoints (full weights and optimizer state: resumable on any
-  number of processes).
+  by rank 0, which alone writes unsharded checkpoints (full weights and optimizer state: resumable on
+  any number of processes).
 
 Gradient sync is explicit rather than through a DDP wrapper because a backend's `score` calls its
 network more than once per micro-batch (context prefix, then completion) and reads the output head
 directly; the wrapper's hooks would see only some of those calls.
 
 Sharded training (`shard_weights`, or an accelerate FSDP config) uses torch's FSDP2 `fully_shard`
-(a unit per decoder layer, one for the rest), for backends that declare `supports_sharding` (their every network
-call goes through the root module's forward): weights, gradients and optimizer state live sharded
-between steps; the weights are gathered once before the step's rollouts (`unshard`), so ranks that
-decode different numbers of tokens issue no collectives; FSDP reduce-scatters the gradients (an
-average over ranks: the loss is scaled by the world size to keep the sum rule above); checkpoints
-gather full tensors (`full_tensor`) on every rank and rank 0 writes them, in the same format as
-unsharded runs.
+(a unit per decoder layer, one for the rest), for backends that declare `supports_sharding` (their
+every gradient-carrying network call goes through the root module's forward, or `in_forward`):
+weights, gradients and optimizer state live sharded between steps; the weights are gathered once
+before the step's rollouts (`unshard`), so ranks that decode different numbers of tokens issue no
+collectives; FSDP reduce-scatters the gradients (an average over ranks: the loss is scaled by the
+world size to keep the sum rule above); every rank writes its own shards of `last/`
+(`sharded_checkpoint.py`), while `best/` gathers full tensors (`full_state_dict`) for rank 0 to
+write in the unsharded layout.
 
 DeepSpeed ZeRO (`deepspeed_stage`, or an accelerate DeepSpeed config) runs over the same process
 group; its engine owns the backward, the reduction and the step (`engines.py`).
@@ -136,20 +137,26 @@ class Dist:
         return "no" if self.accelerator is None else str(self.accelerator.mixed_precision)
 
     def shard_model(self, model: nn.Module) -> None:
-        """FSDP2 over all ranks: one unit per decoder layer (every `layers` ModuleList's items), one
-        for the rest. Weights stay gathered after a forward until `reshard` (a step's many forwards
-        gather once); each layer's gradients are reduce-scattered as soon as its backward is done,
-        so no whole unsharded gradient ever exists."""
-        from torch.distributed.fsdp import fully_shard
+        """FSDP2 over all ranks: one unit per decoder layer (the items of every ModuleList named in
+        `LAYER_LISTS`: a language model's layers, a ViT's layers or blocks), one for the rest (the
+        root: embeddings, output head, whatever sits outside the layers). Weights stay gathered after
+        a forward until `reshard` (a step's many forwards gather once); each layer's gradients are
+        reduce-scattered as soon as its backward is done, so no whole unsharded gradient ever exists.
+        `in_forward` runs a computation inside the root's forward hooks (for backends that call
+        their network's parts directly)."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for name, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in LAYER_LISTS:
                 for layer in module:
                     fully_shard(layer, reshard_after_forward=False)
         fully_shard(model, reshard_after_forward=False)
         # FSDP2 takes the first unit to run a forward as the root; decoding may call a layer directly
         # (outside the model's forward), so make the model the root now (torch has no public call)
         model._get_fsdp_state()._lazy_init()
+        # an instance attribute (not a module or parameter), wrapped in the root's forward hooks
+        object.__setattr__(model, _IN_FORWARD, _call)
+        register_fsdp_forward_method(model, _IN_FORWARD)
 
     @property
     def is_main(self) -> bool:
@@ -252,6 +259,27 @@ class Dist:
         yield
         if self.is_main:
             self.barrier()
+
+
+# ModuleLists whose items become FSDP2 units: decoder layers (mini, BAGEL, Hugging Face language
+# models and CLIP towers) and ViT blocks (the Qwen-VL vision towers)
+LAYER_LISTS = ("layers", "blocks")
+_IN_FORWARD = "_visual_opsd_in_forward"
+
+
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def in_forward(model: nn.Module, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` run as a forward of `model`. Under FSDP2 (`Dist.shard_model`) it runs
+    inside the root unit's pre- and post-forward hooks: the root's weights (embeddings, output head,
+    ...) are gathered before it and stay gathered after it, and the gradients of everything it
+    computes are reduce-scattered at the end of the backward. A plain call otherwise. For backends
+    that call their network's parts (the inner model, then the output head) rather than the
+    model's own `forward` (the HF backend; BAGEL has `BagelModel.forward` for the same purpose)."""
+    method = model.__dict__.get(_IN_FORWARD)
+    return method(fn, *args, **kwargs) if method is not None else fn(*args, **kwargs)
 
 
 def is_sharded(model: nn.Module) -> bool:

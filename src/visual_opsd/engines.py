@@ -16,10 +16,11 @@
 The loop's contract with an engine is the `Engine` protocol, per step: `begin_step(step, lr)`,
 `layout.gather()` before rollouts, `zero_grad()`, `backward(loss, last)` per micro-batch,
 `step(loss_finite)` -> (gradient norm, applied); for checkpoints `train_state(teacher)` (whole
-tensors in torch's layout, a collective) and `load_optimizer(state)`. `make_engine` picks the
-engine for a run (and wraps it in the fault injector of `faults.py` only when a test asks for
-faults). Checkpoints are the same files whatever the engine, so a run resumes on any engine and
-any number of processes.
+tensors in torch's layout, a collective) and `load_optimizer(state)`, or, where
+`sharded_checkpoints` (FSDP2), `named_state(teacher)`: this rank's shards by name, which
+`sharded_checkpoint.py` writes and loads in place. `make_engine` picks the engine for a run (and
+wraps it in the fault injector of `faults.py` only when a test asks for faults). Either kind of
+checkpoint resumes on any engine and any number of processes.
 
 A *layout* says where a parameter's values live on this rank (`local`), how to make them whole
 (`full`) and back (`to_local`), and how to gather and release the weights; the EMA teacher keeps
@@ -157,6 +158,12 @@ class Engine(Protocol):
 
     def load_optimizer(self, state: dict[str, Any]) -> None: ...
 
+    # sharded checkpoints (`sharded_checkpoint.py`): whether `last/` is written as every rank's shards,
+    # and this rank's state by name
+    sharded_checkpoints: bool
+
+    def named_state(self, teacher: Any, model: bool = True) -> dict[str, torch.Tensor]: ...
+
 
 def make_engine(dist: Dist, backend: Any, cfg: Any, micro_batch: int) -> Engine:
     """The engine of a training run (`cfg`: a TrainConfig): DeepSpeed ZeRO, FSDP2 or plain torch, as
@@ -179,12 +186,18 @@ def make_engine(dist: Dist, backend: Any, cfg: Any, micro_batch: int) -> Engine:
 class TorchEngine:
     """torch's AdamW over the trainable parameters; FSDP2 when `sharded` (the model is sharded here)."""
 
+    # checkpoints: FSDP2 runs write `last/` as every rank's shards (`sharded_checkpoint.py`); this
+    # engine's optimizer state can be loaded in place, as this rank's shares (`named_state`)
+    in_place_state = True
+
     def __init__(self, dist: Dist, model: nn.Module, optim: Any, sharded: bool) -> None:
         if sharded:
             dist.shard_model(model)  # before the teacher's shadow and the optimizer: both follow the shards
         self.dist, self.model, self.sharded = dist, model, sharded
         self.layout: Replicated = Fsdp2Layout(model) if sharded else Replicated()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]  # the optimizer's parameters by name (checkpoints)
+        self.params = [p for _, p in named]
         self.optimizer = adamw(self.params, optim)
         self.grad_clip = optim.grad_clip
 
@@ -227,6 +240,38 @@ class TorchEngine:
         shadow = teacher.state_dict()
         return {"optimizer": optim, "teacher": shadow} if is_main else None
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether `last/` is written as each rank's shards (FSDP2) rather than whole on rank 0."""
+        return self.sharded
+
+    def named_state(self, teacher: Any, model: bool = True) -> dict[str, torch.Tensor]:
+        """Everything a resume needs, by name, as this rank holds it (FSDP2: DTensor shards; else
+        whole tensors): `model/NAME` (the model's state dict, frozen weights and buffers included),
+        `optim/NAME/KEY` (AdamW's state of each trainable parameter that has one) and
+        `teacher/NAME` (the shadow). The live tensors, not copies: a sharded checkpoint is written
+        from them and loaded into them in place (`sharded_checkpoint.py`)."""
+        state = {f"model/{k}": v for k, v in self.model.state_dict().items()} if model else {}
+        for name, p in zip(self.names, self.params, strict=True):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                state[f"optim/{name}/{key}"] = value
+        state.update({f"teacher/{k}": v for k, v in teacher.shadow.items()})
+        return state
+
+    def add_optimizer_state(self, saved: dict[str, dict[str, tuple[list[int], torch.dtype]]]) -> None:
+        """Zero AdamW state for the parameters `saved` names, {name: {key: (whole shape, dtype)}}
+        (a sharded checkpoint's), laid out as the parameter (FSDP2: this rank's shard; a scalar such
+        as `step` whole), so that it can be loaded into in place."""
+        params = dict(zip(self.names, self.params, strict=True))
+        for name, keys in saved.items():
+            p = params[name]
+            self.optimizer.state[p] = {
+                # AdamW keeps `step` as a CPU scalar (not capturable), the moments like the parameter
+                key: (torch.zeros_like(p.detach(), dtype=dtype) if key != "step" and list(shape) == list(p.shape)
+                      else torch.zeros(shape, dtype=dtype))
+                for key, (shape, dtype) in keys.items()
+            }
+
     @contextlib.contextmanager
     def whole_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:
         """Every rank enters it; within it rank 0 saves the model: `backend.save(dir, state=yielded)`.
@@ -241,7 +286,11 @@ class TorchEngine:
 
 
 class ZeroEngine(TorchEngine):
-    """DeepSpeed ZeRO-`stage` over the process group accelerate (or torchrun) set up."""
+    """DeepSpeed ZeRO-`stage` over the process group accelerate (or torchrun) set up. Checkpoints
+    hold whole tensors (gathered from the partitions); a sharded checkpoint's optimizer and
+    teacher state is loaded as whole tensors too (`in_place_state`)."""
+
+    in_place_state = False
 
     def __init__(self, dist: Dist, model: nn.Module, optim: Any, stage: int, micro_batch: int,
                  precision: str = "no") -> None:

@@ -258,10 +258,12 @@ def parse_system(spec: str) -> System:
 
 def model_dir(system: System) -> Path:
     """The folder to load for `system`: its model folder, or the `model/` inside a Visual-OPSD checkpoint
-    (`best/`, `last/`); ConfigError naming the system when there is no loadable model."""
+    (`best/`, `last/`); a Hub id `org/name[@rev]` is its snapshot in the Hugging Face cache; ConfigError
+    naming the system when there is no loadable model."""
     from visual_opsd.backends import backend_kind
+    from visual_opsd.hub import resolve_folder
 
-    path = Path(system.model)
+    path = resolve_folder(system.model, "model", key=f"system {system.name!r}")
     if not path.is_dir():
         raise ConfigError(f"system {system.name!r}: no model folder at {path}")
     if not (path / "config.json").is_file() and (path / "model").is_dir():
@@ -411,6 +413,28 @@ def group_markdown(results: dict[str, dict], key: str = "size") -> list[str]:
     return md
 
 
+def breakdown_markdown(results: dict[str, dict]) -> list[str]:
+    """A table per benchmark and breakdown (task, l2-category, category, source, split): a row per
+    value (BLINK's 14 subtasks are its categories), a column per system; empty when none has one."""
+    md = []
+    benches = list(dict.fromkeys(b for r in results.values() for b in r["tasks"]))
+    for key in ("task", "l2-category", "category", "source", "split"):
+        for bench in benches:
+            systems = [(name, r["tasks"][bench][f"by_{key}"]) for name, r in results.items()
+                       if r["tasks"].get(bench, {}).get(f"by_{key}")]
+            if not systems:
+                continue
+            values = list(dict.fromkeys(v for _, blocks in systems for v in sorted(blocks)))
+            md += ["", f"## {bench}: accuracy per {key}", "",
+                   f"| {key} | n | {' | '.join(f'{name} acc % [95% CI]' for name, _ in systems)} |",
+                   "|---|---|" + "---|" * len(systems)]
+            for v in values:
+                n = next(blocks[v]["n"] for _, blocks in systems if v in blocks)
+                cells = [_acc_cell(blocks[v]) if v in blocks else "-" for _, blocks in systems]
+                md.append(f"| {v} | {n} | {' | '.join(cells)} |")
+    return md
+
+
 def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str:
     """results.md: the main table, accuracy per maze size, the VSP table per level (both rules) when run,
     the systems, notes."""
@@ -423,11 +447,7 @@ def results_markdown(results: dict[str, dict], notes: Iterable[str] = ()) -> str
     per_size = group_markdown(results, "size")
     if per_size:
         md += ["", "## Accuracy per maze size", "", *per_size]
-    for key, title in (("task", "task"), ("l2-category", "l2-category"), ("category", "category (BLINK: subtask)"),
-                       ("source", "source"), ("split", "split")):
-        table = group_markdown(results, key)
-        if table:
-            md += ["", f"## Accuracy per {title}", "", *table]
+    md += breakdown_markdown(results)
     md += _rules_markdown(results)
     vsp_rows = [(name, r[VSP]) for name, r in results.items() if VSP in r]
     if vsp_rows:
@@ -615,15 +635,18 @@ def _load_path_benchmarks(d: EvalDataConfig, tasks: list[str]) -> list[Benchmark
     a sample without a known task is a DataError naming it and the known tasks."""
     from visual_opsd.data import load_dataset
     from visual_opsd.errors import DataError
+    from visual_opsd.hub import repo_name, resolve_folder
     from visual_opsd.tasks import TASKS
 
-    names = [benchmark_name(p) if Path(p).exists() else p for p in d.paths]
+    # a Hub dataset id is named by its repository (its snapshot folder's name is a commit hash)
+    names = [benchmark_name(p) if Path(p).exists() else repo_name(p) or p for p in d.paths]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"data.paths: two datasets named {', '.join(repeated)} (results name a column by its "
                           "file); rename one")
     benches = []
     for path, name in zip(d.paths, names, strict=True):
+        path = resolve_folder(path, "dataset", key="data.paths")
         if not Path(path).exists():
             raise DataError("no such file or folder", file=path)
         samples = [s for s in load_dataset(path) if not tasks or s.task in tasks][: d.n]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from visual_opsd.hub import cache_repo_root
+
 # 6144 x 6144: above any VT or benchmark image in use (VSP level 8 is 512 x 512), and small enough
 # that one decoded RGB image (113 MB) cannot exhaust a worker
 MAX_IMAGE_PIXELS = 6144 * 6144
@@ -48,12 +50,19 @@ def image_path_problem(rel: str, allow_outside: bool) -> str | None:
     return None
 
 
+def inside_root(base: Path) -> Path:
+    """Where the files of the dataset folder `base` must resolve to (symbolic links followed): `base`,
+    or for a dataset in the Hugging Face cache its repository's cache folder (a snapshot's files are
+    links into the repository's `blobs/`)."""
+    return cache_repo_root(base) or base.resolve()
+
+
 def checked_image_path(base: Path, rel: str, allow_outside: bool) -> Path:
     """`base / rel` for an image path from a dataset file in folder `base`; ValueError when
     `image_path_problem` has one, or when the path leaves `base` through a symbolic link."""
     problem = image_path_problem(rel, allow_outside)
     if problem:
         raise ValueError(problem)
-    if not allow_outside and not (base / rel).resolve().is_relative_to(base.resolve()):
+    if not allow_outside and not (base / rel).resolve().is_relative_to(inside_root(base)):
         raise ValueError(f"path {rel!r} leaves the dataset folder through a symbolic link")
     return base / rel

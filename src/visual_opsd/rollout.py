@@ -1,7 +1,10 @@
 """On-policy rollouts: sample completions from the current student weights, with their statistics.
 
-`collect_rollout` samples `n` completions per prompt from the student context (image-skip
-injection happens inside `Backend.sample`) and returns a `Rollout`. In `source="data"` mode the
+`collect_rollout` samples `n` completions per prompt from the student context through a rollout
+engine (`rollout_engines.py`: `native`, the backend's own sampler, or `vllm`; image-skip injection
+happens inside the engine) and returns a `Rollout`, the same record whatever the engine: ids,
+sampled/injected flags, and each id's log-probability under the sampling distribution
+(`logprobs`, NaN at injected ids). In `source="data"` mode the
 completions are the samples' own text-only traces instead: no sampling, so distributed runs and
 tests can be compared exactly (issue "scale-out", deterministic mode).
 
@@ -23,6 +26,7 @@ from typing import Literal
 import torch
 
 from visual_opsd.backends.base import Backend, Context
+from visual_opsd.rollout_engines import NativeEngine, RolloutEngine
 from visual_opsd.sample import Sample
 from visual_opsd.tasks.base import Task, scorer_of
 
@@ -38,6 +42,10 @@ class Rollout:
     sampled: list[list[bool]]  # (P * n,) per id: False for injected ids (no loss there)
     finished: list[bool]  # (P * n,) ended with end-of-sequence
     image_skips: list[int]  # (P * n,) image-skip injections used
+    # (P * n,) per id: log-probability under the sampling distribution (temperature applied,
+    # suppressed ids removed; `backends.base.token_logprobs`), NaN at injected ids; None: not sampled
+    # (`source="data"`)
+    logprobs: list[list[float]] | None = None
 
     def loss_mask(self, length: int) -> torch.Tensor:
         """(R, length) bool: True on sampled completion ids, built from lengths (pad may equal eos)."""
@@ -50,8 +58,10 @@ class Rollout:
         """The rollout with completion r cut to its first `room[r]` ids (None: kept whole); texts,
         `finished` and skips stay those of the sampled completions."""
         keep = [len(ids) if r is None else max(0, min(len(ids), r)) for ids, r in zip(self.ids, room, strict=True)]
+        logprobs = None if self.logprobs is None else [lp[:k] for lp, k in zip(self.logprobs, keep, strict=True)]
         return dataclasses.replace(self, ids=[ids[:k] for ids, k in zip(self.ids, keep, strict=True)],
-                                   sampled=[flags[:k] for flags, k in zip(self.sampled, keep, strict=True)])
+                                   sampled=[flags[:k] for flags, k in zip(self.sampled, keep, strict=True)],
+                                   logprobs=logprobs)
 
     def stats(self, task: Task | None = None) -> dict[str, float]:
         """Flat `rollout/` metrics: length, truncation, image-skip rate, parsable-answer fraction."""
@@ -81,8 +91,10 @@ def collect_rollout(
     max_image_skips: int = 1,
     source: Literal["sample", "data"] = "sample",
     generator: torch.Generator | None = None,
+    engine: RolloutEngine | None = None,
 ) -> Rollout:
-    """`n` completions per sample from the *current* student weights (or the data, see module doc)."""
+    """`n` completions per sample from the *current* student weights (or the data, see module doc),
+    sampled by `engine` (None: the backend's own sampler, `NativeEngine`)."""
     if len(samples) != len(contexts):
         raise ValueError(f"{len(samples)} samples but {len(contexts)} contexts")
     if source == "data":
@@ -98,8 +110,9 @@ def collect_rollout(
         )
     if source != "sample":
         raise ValueError(f"rollout source must be 'sample' or 'data', got {source!r}")
+    engine = engine or NativeEngine(backend)
     with torch.no_grad():
-        comps = backend.sample(
+        comps = engine.sample(
             contexts,
             n=n,
             max_new_tokens=max_new_tokens,
@@ -115,6 +128,7 @@ def collect_rollout(
         sampled=[c.sampled for c in comps],
         finished=[c.finished for c in comps],
         image_skips=[c.image_skips for c in comps],
+        logprobs=[c.logprobs for c in comps],
     )
 
 

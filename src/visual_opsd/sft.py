@@ -52,11 +52,20 @@ from visual_opsd.backends.mini import (
 from visual_opsd.checkpoint import atomic_dir
 from visual_opsd.config import check_choice
 from visual_opsd.errors import ConfigError, DataError
+from visual_opsd.hub import resolve_folder
 from visual_opsd.optim import MetricsLog, adamw, lr_at, set_lr
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import TASKS, Task, get_task
 from visual_opsd.tasks.base import accuracy_by_task
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
+from visual_opsd.tracking import (
+    Tracker,
+    check_logging,
+    check_trackers,
+    logging_steps_field,
+    open_reporter,
+    report_to_field,
+)
 
 EvalMode = Literal["interleaved", "given_vt", "teacher_context", "text", "vt_caption"]
 
@@ -66,8 +75,10 @@ class TaskDataConfig:
     """Where training and validation samples come from (SFT and Visual-OPSD alike)."""
 
     task: str = field(default="maze", metadata={"help": "task to train on (maze, jigsaw)"})
-    path: str | None = field(default=None, metadata={"help": "training dataset; null = generate data.n_train"})
-    val_path: str | None = field(default=None, metadata={"help": "validation dataset; null = generate data.n_val"})
+    path: str | None = field(
+        default=None, metadata={"help": "training dataset or Hub dataset id org/name[@rev]; null: generated data"})
+    val_path: str | None = field(
+        default=None, metadata={"help": "validation dataset (or Hub dataset id); null = generate data.n_val"})
     n_train: int = field(default=4000, metadata={"help": "generated training samples (data.path null)"})
     n_val: int = field(default=64, metadata={"help": "validation samples (accuracy during training, selection)"})
     sizes: tuple[int, int] = field(default=(3, 6), metadata={"help": "maze sizes lo..hi (maze only)"})
@@ -115,7 +126,8 @@ class DataConfig(TaskDataConfig):
 
 @dataclass
 class ModelConfig:
-    init_from: str | None = field(default=None, metadata={"help": "start from this saved model folder"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this saved model folder, or a Hub id org/name[@revision]"})
     d_model: int = field(default=128, metadata={"help": "width"})
     n_layers: int = field(default=4, metadata={"help": "transformer layers"})
     n_heads: int = field(default=4, metadata={"help": "attention heads"})
@@ -207,6 +219,8 @@ class SFTConfig:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batches and noise"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[Tracker] = report_to_field()
+    logging_steps: int = logging_steps_field()
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -215,16 +229,19 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_logging(self.report_to, self.logging_steps)
 
 
 def load_samples(cfg: TaskDataConfig, task: Task, split: str, patch_size: int) -> list[Sample]:
-    """The train or val samples: from `path` / `val_path`, else generated (mazes with one patch per cell)."""
+    """The train or val samples: from `path` / `val_path` (a Hub dataset id `org/name[@rev]`: its
+    snapshot in the Hugging Face cache), else generated (mazes with one patch per cell)."""
     path = cfg.path if split == "train" else cfg.val_path
     if path is not None:
         from visual_opsd.data import load_dataset
 
+        key = "data.path" if split == "train" else "data.val_path"
+        path = resolve_folder(path, "dataset", key)
         if not Path(path).exists():  # one located line, not a traceback
-            key = "data.path" if split == "train" else "data.val_path"
             raise DataError(f"no such file or folder ({key})", file=path)
         return list(load_dataset(path, skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside))
     options = dict(cfg.options)
@@ -267,21 +284,24 @@ def split_by_task(samples: list[Sample], n_val: int, seed: int, source: str = ""
     return [s for i, s in enumerate(samples) if i not in picked], [samples[i] for i in sorted(picked)]
 
 
-def check_model_folder(key: str, path: str | Path) -> None:
-    """A ConfigError naming `key` unless `path` is a model folder of a registered family: checked
+def check_model_folder(key: str, path: str | Path) -> Path:
+    """The model folder of config key `key` (a Hub id `org/name[@rev]`: its snapshot in the Hugging
+    Face cache); a ConfigError naming `key` unless it is a folder of a registered family: checked
     before a command writes anything."""
+    folder = resolve_folder(path, "model", key)
     try:
-        family_of(path)
+        family_of(folder)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    return folder
 
 
 def open_model(key: str, path: str | Path, options: Any = None, resume: bool = False) -> Backend:
     """`open_backend` on the folder of config key `key`; a missing folder or weights file is a
     ConfigError naming the key (one line from the command line, exit 2)."""
-    check_model_folder(key, path)
+    folder = check_model_folder(key, path)
     try:
-        return open_backend(path, options, resume=resume)
+        return open_backend(folder, options, resume=resume)
     except FileNotFoundError as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -396,6 +416,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     """Train; returns the folder of the final model (`<out_dir>/final`)."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)  # created once the model and the data passed their checks
+    check_trackers(cfg.report_to)  # a tracker's missing package fails before the model is even loaded
     task = get_task(cfg.data.task)
     backend = build_backend(cfg)
     if not isinstance(backend, SupportsSFT):
@@ -415,7 +436,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     buckets = _buckets(train)
     weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     best, t0 = -1.0, time.perf_counter()
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=None)
+    metrics = open_reporter(cfg, out, MetricsLog(out / "metrics.jsonl", resume_step=None), cfg.optim.steps,
+                            keys=("loss/ce", "loss/flow"))
     n_params = sum(p.numel() for p in model.parameters())
     bar = tqdm(range(cfg.optim.steps), desc=f"sft {cfg.data.trace} ({n_params / 1e6:.2f}M params)",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -432,7 +454,8 @@ def run_sft(cfg: SFTConfig) -> Path:
                 if record[f"val/accuracy/{modes[0]}"] > best:
                     best = record[f"val/accuracy/{modes[0]}"]
                     _checkpoint(backend, out / "best", record)
-                bar.write(f"step {step + 1}: " + ", ".join(f"{m} acc {record[f'val/accuracy/{m}']:.3f}" for m in modes))
+                accs = {k[len("val/accuracy/"):]: v for k, v in record.items() if k.startswith("val/accuracy/")}
+                bar.write(f"step {step + 1}: " + ", ".join(f"{m} acc {v:.3f}" for m, v in accs.items()))
             metrics.write(record)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", ce=f"{stats['loss/ce']:.3f}", flow=f"{stats['loss/flow']:.3f}")
     finally:

@@ -7,7 +7,9 @@
 Per optimizer step (docs/method.md section 2):
 1. take the next `prompts_per_step` training samples (a fixed permutation per epoch);
 2. rollout: sample `rollout.n` completions per prompt from the *current* student on the student
-   context C_S (question + problem image), with image-skip injection;
+   context C_S (question + problem image), with image-skip injection, through the rollout engine
+   `rollout.engine` (`rollout_engines.py`: native, or a colocated vLLM that gets the weights after
+   every optimizer step);
 3. teacher: score the same completion ids on the teacher context C_T = C_S + framing + VT images
    (`teacher.vt_mode`: data / noise / shuffled / none) + transition, with the teacher's weights
    (`teacher.mode`: ema / live / frozen) and no gradient; the prefix is encoded once per prompt.
@@ -30,7 +32,9 @@ Scale-out: the same command runs under `accelerate launch` with N processes (`di
 each rank rolls out its shard of the step's prompts, the loss is normalised by the completion
 (or token) count of the whole step over all ranks and the gradients are summed, so the update does
 not depend on N or on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N).
-FSDP2 and DeepSpeed ZeRO-1/2/3 hold the weights sharded (`engines.py`); docs/scale.md.
+FSDP2 and DeepSpeed ZeRO-1/2/3 hold the weights sharded (`engines.py`); under FSDP2 every rank
+writes its own shards of `last/` (`sharded_checkpoint.py`; `visual-opsd export` turns them into a
+model folder); docs/scale.md.
 
 Reliability (docs/failure-modes.md): checkpoints are atomic with a checksum manifest (a corrupt
 last/ falls back to last.prev/); a step with a non-finite loss or gradient is skipped and logged
@@ -55,6 +59,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from visual_opsd import sharded_checkpoint
 from visual_opsd.backends import BackendOptions
 from visual_opsd.backends.base import Backend, Context
 from visual_opsd.budget import LimitsConfig, check_budget, memory_gib
@@ -72,14 +77,25 @@ from visual_opsd.losses import (
 )
 from visual_opsd.optim import MetricsLog, lr_at
 from visual_opsd.rollout import Rollout, collect_rollout, fit_rollout
+from visual_opsd.rollout_engines import RolloutEngine, make_rollout_engine
 from visual_opsd.sample import Sample
-from visual_opsd.sft import TaskDataConfig, load_train_val, open_model, predict
+from visual_opsd.sft import TaskDataConfig, check_model_folder, load_train_val, open_model, predict
 from visual_opsd.tasks import Task, get_task
 from visual_opsd.tasks.base import scorer_of
 from visual_opsd.teacher import Teacher
+from visual_opsd.tracking import (
+    Reporter,
+    Tracker,
+    check_logging,
+    check_trackers,
+    logging_steps_field,
+    open_reporter,
+    report_to_field,
+)
 from visual_opsd.vt import teacher_contexts
 
 logger = logging.getLogger(__name__)
+TRAIN_KEYS = ("rollout/correct", "rollout/length", "tokens")  # in the console line beside loss, lr, grad_norm
 
 
 @dataclass
@@ -91,10 +107,21 @@ class RolloutConfig:
     source: Literal["sample", "data"] = field(
         default="sample", metadata={"help": "sample (on-policy) or data (text-only traces: deterministic mode)"}
     )
+    engine: Literal["native", "vllm"] = field(
+        default="native",
+        metadata={"help": "what samples the rollouts: native (the backend's own decoder on the training weights) or "
+                          "vllm (a colocated vLLM engine, HF backends, one process; docs/scale.md)"},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm on a GPU: share of its memory for vLLM's weights and KV cache"}
+    )
+    vllm_cpu_kv_cache_gib: int = field(default=1, metadata={"help": "vllm on a CPU: GiB of KV cache"})
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1 or self.max_image_skips < 0 or self.temperature < 0:
             raise ValueError("rollout.n, rollout.max_new_tokens >= 1; max_image_skips, temperature >= 0")
+        if not 0 < self.vllm_gpu_memory_utilization < 1 or self.vllm_cpu_kv_cache_gib < 1:
+            raise ValueError("rollout.vllm_gpu_memory_utilization in (0, 1), rollout.vllm_cpu_kv_cache_gib >= 1")
 
 
 @dataclass
@@ -178,11 +205,15 @@ class TrainEvalConfig:
 
 @dataclass
 class TrainConfig:
-    init_from: str = field(default="runs/sft/final", metadata={"help": "model folder to start from (SFT teacher)"})
+    init_from: str = field(
+        default="runs/sft/final",
+        metadata={"help": "model folder to start from (SFT teacher), or a Hub id org/name[@revision]"})
     out_dir: str = field(default="runs/opsd", metadata={"help": "output folder (checkpoints, metrics.jsonl)"})
     seed: int = field(default=0, metadata={"help": "seed of data order, sampling and noise"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[Tracker] = report_to_field()
+    logging_steps: int = logging_steps_field()
     save_every: int = field(default=25, metadata={"help": "write last/ every N steps (and at the end)"})
     resume: str | None = field(default=None, metadata={"help": "resume from this checkpoint folder (last/)"})
     stop_at_step: int | None = field(
@@ -218,6 +249,7 @@ class TrainConfig:
             raise ValueError(f"stop_at_step must be >= 1 or null, got {self.stop_at_step}")
         if self.deepspeed_stage not in (None, 1, 2, 3):
             raise ValueError(f"deepspeed_stage must be 1, 2, 3 or null, got {self.deepspeed_stage}")
+        check_logging(self.report_to, self.logging_steps)
 
 
 @contextmanager
@@ -337,14 +369,17 @@ class Run:
     task: Task
     train: list[Sample]
     val: list[Sample]
-    log: MetricsLog
+    log: Reporter  # metrics.jsonl, the trackers of report_to, the console lines
     state: TrainState
     micro: int  # prompts per micro-batch on this rank
     device: torch.device  # where the model's parameters live
+    rollout_engine: RolloutEngine | None = None  # what samples the rollouts (`rollout.engine`)
 
     def close(self, clean: bool) -> None:
         """The metrics file always; the process group only after a clean end (after a failure the
         other ranks may never reach its barrier)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.close()
         self.log.close()
         if clean:
             self.dist.close()
@@ -403,9 +438,12 @@ def run_train(cfg: TrainConfig) -> Path:
     finally:
         run.close(clean)
     selected = run.out / "best" / "model" if (run.out / "best").exists() else run.out / "last" / "model"
+    if not selected.exists() and sharded_checkpoint.is_sharded(run.out / "last"):
+        selected = run.out / "last"  # shards only: `visual-opsd export` makes a model folder of it
     if run.dist.is_main:
+        hint = "" if selected.name == "model" else f" (sharded: visual-opsd export {selected} --out DIR)"
         print(f"train: done at step {run.state.step}; selected model (validation best, step "
-              f"{run.state.best_step}): {selected}")
+              f"{run.state.best_step}): {selected}{hint}")
     return selected
 
 
@@ -414,14 +452,17 @@ def open_run(cfg: TrainConfig) -> Run:
     check, engine, teacher, metrics log. `out_dir` is created only once the inputs passed their
     checks: a bad input ends the command with one line and leaves nothing behind."""
     torch.set_num_threads(cfg.threads)
+    check_trackers(cfg.report_to)  # a tracker's missing package fails before anything is loaded or written
     dist = Dist.create()
     out = Path(cfg.out_dir)
     # a truncated or altered checkpoint is never loaded: the previous good one, or a clear stop
-    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
-    if resume:
+    resume = resolve_resume(dist, cfg.resume) if cfg.resume else None
+    if resume and not sharded_checkpoint.is_sharded(resume):
         backend = open_model("resume", resume / "model", cfg.backend, resume=True)
     else:  # a missing or unusable folder: a ConfigError naming init_from (nothing written yet)
         backend = open_model("init_from", cfg.init_from, cfg.backend)
+        if resume:  # a sharded checkpoint has no model folder: init_from's model, the shards' weights
+            sharded_checkpoint.load_model(resume, backend.model)  # whole, before the engine lays them out
     backend.disable_dropout()  # on-policy: the student is scored by the policy that sampled (no dropout)
     task = get_task(cfg.data.task)
     patch = backend.cell_px
@@ -435,12 +476,33 @@ def open_run(cfg: TrainConfig) -> Run:
                       base_weights=backend.adapters_disabled)  # LoRA: frozen = adapters off
     state = TrainState.from_json(load_train_state(resume, engine, teacher)) if resume else TrainState()
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", resume_step=state.step if resume else None, enabled=dist.is_main)
+    resume_step = state.step if resume else None
+    log = open_reporter(cfg, out, MetricsLog(out / "metrics.jsonl", resume_step=resume_step, enabled=dist.is_main),
+                        cfg.optim.steps, keys=TRAIN_KEYS, enabled=dist.is_main, resume_step=resume_step)
     if dist.is_main:
         remove_stale_temporaries(out)  # half-written checkpoints of a killed run (never resumed from)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     device = engine.params[0].device if engine.params else torch.device("cpu")
-    return Run(cfg, dist, out, backend, engine, teacher, task, train, val, log, state, micro, device)
+    rollout_engine = make_rollout_engine(cfg.rollout.engine, backend, world=dist.world,
+                                         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                                         cpu_kv_cache_gib=cfg.rollout.vllm_cpu_kv_cache_gib)
+    return Run(cfg, dist, out, backend, engine, teacher, task, train, val, log, state, micro, device, rollout_engine)
+
+
+def resolve_resume(dist: Dist, path: str | Path) -> Path:
+    """`resolve_checkpoint` on rank 0 alone, its answer (the folder, or the `CheckpointError`) on
+    every rank: the manifest check reads every file of the checkpoint once, not once per process
+    (a sharded checkpoint of a 7B model is a few hundred GB)."""
+    answer = None
+    if dist.is_main:
+        try:
+            answer = ("ok", str(resolve_checkpoint(path)))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    kind, value = dist.gather_objects(answer)[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
 
 
 def rollouts(run: Run, idx: list[int], gen: torch.Generator, gen_vt: torch.Generator,
@@ -460,11 +522,13 @@ def rollouts(run: Run, idx: list[int], gen: torch.Generator, gen_vt: torch.Gener
             ro = collect_rollout(
                 backend, samples, contexts, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
                 temperature=cfg.rollout.temperature, max_image_skips=cfg.rollout.max_image_skips,
-                source=cfg.rollout.source, generator=gen,
+                source=cfg.rollout.source, generator=gen, engine=run.rollout_engine,
             )
         with timed(times, "teacher"):
             t_ctx = teacher_contexts(backend, samples, run.train, cfg.teacher.vt_mode, gen_vt)
         windows.append(Window(samples, contexts, t_ctx, ro, fit_rollout(backend, ro, contexts, t_ctx)))
+    if run.rollout_engine is not None:
+        run.rollout_engine.sleep()  # training next: vLLM releases its memory where it can (docs/scale.md)
     return windows
 
 
@@ -504,6 +568,8 @@ def update(run: Run, loss: float, times: dict[str, float]) -> tuple[float, bool]
         grad_norm, finite = run.engine.step(loss_finite=math.isfinite(loss))
         if finite:
             run.teacher.update()
+            if run.rollout_engine is not None:
+                run.rollout_engine.weights_changed()  # the next rollouts sample from the new weights
             run.state.bad_steps = 0
         else:
             run.state.bad_steps += 1
@@ -552,8 +618,16 @@ def skip_step(run: Run, done: int, record: dict[str, Any], ids: list[str], loss:
 
 
 def save_last(run: Run) -> None:
-    """`last/`: weights, optimizer, teacher and state, for an exact resume (every rank takes part:
-    collectives when sharded; rank 0 writes)."""
+    """`last/`: weights, optimizer, teacher and state, for an exact resume (every rank takes part).
+    FSDP2: every rank writes its own shards (`sharded_checkpoint.py`), nothing is gathered; else
+    whole tensors (gathered from ZeRO's partitions), written by rank 0."""
+    if run.engine.sharded_checkpoints:
+        backend = dataclasses.asdict(run.cfg.backend) if run.cfg.backend is not None else None
+        sharded_checkpoint.save(run.out / "last", run.engine, run.teacher, run.dist,
+                                check_model_folder("init_from", run.cfg.init_from), backend,
+                                dataclasses.asdict(run.state))
+        run.dist.barrier()  # no rank runs ahead of the checkpoint being published
+        return
     with run.engine.whole_weights() as weights:
         whole = run.engine.train_state(run.teacher, run.dist.is_main)
         if whole is not None:
@@ -617,7 +691,10 @@ def save_train_state(path: Path, backend: Backend, weights: dict[str, torch.Tens
 
 def load_train_state(path: Path, engine: Engine, teacher: Teacher) -> dict[str, Any]:
     """The optimizer and teacher state and the trainer state of checkpoint `path` (already verified
-    against its manifest); anything unreadable is a `CheckpointError` naming the file."""
+    against its manifest); anything unreadable is a `CheckpointError` naming the file. A sharded
+    checkpoint's state goes in place into this run's layout (`sharded_checkpoint.load_state`)."""
+    if sharded_checkpoint.is_sharded(path):
+        return sharded_checkpoint.load_state(path, engine, teacher)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise CheckpointError(f"{path}: not a training checkpoint (no trainer_state.json)")

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from visual_opsd.errors import VSPInputError
-from visual_opsd.images import decode_image
+from visual_opsd.images import decode_image, inside_root
 from visual_opsd.sample import Sample
 from visual_opsd.stats import wilson_interval
 from visual_opsd.tasks.maze import resize_cells, sample_from_grid
@@ -74,7 +74,7 @@ def iter_vsp_items(path: str | os.PathLike, cell_px: int = 64, *, allow_outside:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
-    inside = None if allow_outside else root.resolve()
+    inside = None if allow_outside else inside_root(root)
     levels = _level_dirs(root)
     if not levels:
         raise ValueError(f"{root}: no level{{L}} folders (expected the layout level{{L}}/table/{{i}}.txt)")

@@ -82,6 +82,9 @@ def family_of(path: str | Path) -> Family:
     for family in FAMILIES.values():
         if family.recognise(path):
             return family
+    if (path / "sharded.json").is_file():  # sharded_checkpoint.INFO (not imported: this module stays light)
+        raise ValueError(f"{path}: a sharded training checkpoint (an FSDP2 run's shards, no model folder); make a "
+                         f"model folder of it with `visual-opsd export {path} --out DIR`")
     raise ValueError(
         f"{path}: not a model folder this package can load (expected a mini-model checkpoint, whose config.json "
         "has format visual_opsd.mini, a Hugging Face folder, whose config.json has a model_type, or a BAGEL "

@@ -17,7 +17,11 @@ Written once here, for every backend (the VT controls are in `vt.py`):
   `<image_start>`, the backend feeds an injected `<image_end>` and sampling goes on with a new text
   round, at most `max_image_skips` times; one more `<image_start>` ends the row. The injected token
   is part of the completion ids (the sampling cache saw it, so the scored sequence is the same one)
-  but is flagged `sampled=False`, so losses can leave it out.
+  but is flagged `sampled=False`, so losses can leave it out. Every sampled id also gets its
+  log-probability under the sampling distribution (`token_logprobs`; NaN for injected ids).
+- `sample_on_device`: the same rule for a backend whose image marker is one id (the HF backend),
+  with the per-row bookkeeping held in tensors on the model's device: one forward per step and no
+  full-vocabulary copy to the host; the chosen ids and log-probs are copied once, at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ FRAMING_TEXT = (
     "Below are privileged visual references of intermediate reasoning steps. Use them silently and never mention them."
 )
 TRANSITION_TEXT = "Now reason step by step on your own."
+# a text-only model's teacher (the text OPSD setting): the privileged reference is text, not VTs
+TEXT_FRAMING = "Below is a privileged reference of the reasoning steps. Use it silently and never mention it."
 
 
 def word_spaced(text: str) -> str:
@@ -114,6 +120,9 @@ class Completion:
     sampled: list[bool]
     finished: bool  # ended with the end-of-sequence id (False: out of tokens or stopped at an image)
     image_skips: int = 0
+    # per id: its log-probability under the sampling distribution (`token_logprobs`); NaN where
+    # injected; empty where the sampler recorded none
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +178,8 @@ class Backend(ABC):
     image_end_id: int
     suppressed_ids: tuple[int, ...] = ()  # ids never sampled (pad, bos, unk, image placeholders)
     # FSDP2 may shard `model` (distributed.py): every gradient-carrying network call goes through
-    # `model`'s forward, so FSDP gathers the weights for it and reduces what it computes
+    # `model`'s forward (or `distributed.in_forward`), so FSDP gathers the weights for it and
+    # reduces what it computes
     supports_sharding: bool = False
     # LoRA backends: a context manager factory in which the model is its base model (adapters off),
     # the frozen teacher without a copy (`teacher.py`); None for the others
@@ -206,8 +216,8 @@ class Backend(ABC):
     ) -> Scores:
         """Score completions under contexts. `len(completions)` is a multiple g of `len(contexts)`:
         completions [i*g, (i+1)*g) belong to context i. The mini and BAGEL backends encode each
-        context's prefix once and reuse it for its g completions; the HF backend still runs every
-        context + completion row in full (the same scores, g times the prefix's compute). Gradient
+        context's prefix once and reuse it for its g completions; the HF backend does so without
+        gradient (the teacher) and runs every context + completion row in full with gradient. Gradient
         flows when called under grad mode (student) and not under torch.no_grad (teacher)."""
 
     def completion_room(self, context: Context) -> int | None:
@@ -319,6 +329,61 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B, 1) -> (B,)
 
 
+def _sampling_logits(logits: torch.Tensor, temperature: float, suppressed_ids: tuple[int, ...]) -> torch.Tensor:
+    """float32 logits (B, V) of the distribution the samplers draw from: suppressed ids at -inf,
+    divided by the temperature (greedy, temperature 0: the model's own, T = 1)."""
+    z = logits.float()
+    if suppressed_ids:
+        z = z.index_fill(-1, torch.tensor(suppressed_ids, device=z.device), float("-inf"))  # a copy
+    return z / temperature if temperature > 0 else z
+
+
+def token_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float, suppressed_ids: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """(B,) float32: log-probability of `ids` (B,) under the distribution `next_token` draws them
+    from (softmax of logits / T without the suppressed ids; at temperature 0, T = 1). What a
+    rollout records per sampled token, and what vLLM's `processed_logprobs` are."""
+    z = _sampling_logits(logits, temperature, suppressed_ids)
+    return z.gather(-1, ids.to(z.device)[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    suppressed_ids: tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B,), their log-probs (B,)) drawn on the logits' device from the distribution of
+    `next_token`, by inversion: one uniform per row against the cumulative sum (float64) of the
+    unnormalised probabilities. Exact, and cheaper than `torch.multinomial`, which draws a random
+    number per vocabulary entry (a (B, V) draw per token, most of a CPU step's sampling time).
+    `generator` must draw on the logits' device (`device_generator`)."""
+    z = _sampling_logits(logits, temperature, suppressed_ids)
+    top = z.amax(-1, keepdim=True)  # (B, 1)
+    e = torch.exp(z - top)  # (B, V) unnormalised probabilities, 0 at suppressed ids
+    lse = top.squeeze(-1) + torch.log(e.sum(-1))  # (B,)
+    if temperature == 0:
+        ids = z.argmax(-1)
+    else:
+        cdf = e.cumsum(-1, dtype=torch.float64)  # (B, V)
+        total = cdf[:, -1:].contiguous()
+        u = torch.rand(total.shape, generator=generator, device=z.device, dtype=torch.float64) * total
+        # the first entry whose cumulative mass exceeds u (so never one of probability 0); u * total
+        # may round up to total itself: then the last entry of positive probability
+        ids = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, total)).squeeze(-1)
+    return ids, z.gather(-1, ids[:, None]).squeeze(-1) - lse
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`generator` where it draws on `device`; else a generator on `device` seeded by one draw from
+    it, so a run stays reproducible from the caller's CPU seed (None: torch's default stream)."""
+    if generator is None or torch.device(generator.device) == torch.device(device):
+        return generator
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample_with_image_skip(
     backend: Backend,
     dec: Decoder,
@@ -346,15 +411,19 @@ def sample_with_image_skip(
     pending: list[list[int]] = [[] for _ in range(rows)]  # injected ids still to feed, per row
     round_start = [0] * rows  # where each row's current text round begins
     skips, finished = [0] * rows, [False] * rows
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
     active = torch.ones(rows, dtype=torch.bool)
     for _ in range(max_new_tokens):
         tok = next_token(dec.logits, temperature, generator, backend.suppressed_ids).cpu()
+        # computed from the same logits after the draw: the random stream is untouched
+        lp = token_logprobs(dec.logits, tok, temperature, backend.suppressed_ids).cpu().tolist()
         for b in torch.nonzero(active).flatten().tolist():
             forced = bool(pending[b])
             t = pending[b].pop(0) if forced else int(tok[b])
             tok[b] = t
             ids[b].append(t)
             sampled[b].append(not forced)
+            logprobs[b].append(float("nan") if forced else lp[b])
             if forced:
                 if not pending[b]:
                     round_start[b] = len(ids[b])
@@ -373,7 +442,77 @@ def sample_with_image_skip(
         dec.step(tok, active)
     return [
         Completion(
-            ids=ids[b], text=backend.decode(ids[b]), sampled=sampled[b], finished=finished[b], image_skips=skips[b]
+            ids=ids[b], text=backend.decode(ids[b]), sampled=sampled[b], finished=finished[b], image_skips=skips[b],
+            logprobs=logprobs[b],
         )
         for b in range(rows)
     ]
+
+
+# how often (in steps) `sample_on_device` asks an accelerator whether any row is still active: each
+# ask waits for the device, so the host would stop queueing work ahead of it every step
+_ACTIVE_CHECK_EVERY = 8
+
+
+def sample_on_device(
+    backend: Backend,
+    dec: Decoder,
+    max_new_tokens: int,
+    temperature: float,
+    max_image_skips: int,
+    generator: torch.Generator | None = None,
+    *,
+    injection: Sequence[int] | None = None,
+) -> list[Completion]:
+    """`sample_with_image_skip` for a backend whose image marker is one id (`image_start_id`), run
+    on the device of `dec.logits` (docs/method.md section 2, step 2: the same rule, the same record).
+
+    Every row's state (length, pending injected ids, skips, finished, active) is a tensor: a step is
+    one draw (`sample_tokens`), a few element-wise updates and one `dec.step`, with no per-row Python
+    and no full-vocabulary copy to the host; ids, flags and log-probs are copied once, at the end.
+    `generator` (CPU) seeds a generator on the device (`device_generator`)."""
+    logits = dec.logits
+    device, rows = logits.device, logits.shape[0]
+    inject = torch.tensor([backend.image_end_id] if injection is None else list(injection), device=device)
+    k = len(inject)
+    gen = device_generator(generator, device)
+    ids = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.full((rows, max_new_tokens), float("nan"), device=device)
+    forced_at = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
+    length = torch.zeros(rows, dtype=torch.long, device=device)
+    skips = torch.zeros(rows, dtype=torch.long, device=device)
+    pending = torch.full((rows,), k, dtype=torch.long, device=device)  # next injected id's index; k: none
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    active = torch.ones(rows, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        tok, lp = sample_tokens(dec.logits, temperature, gen, backend.suppressed_ids)
+        forced = pending < k
+        tok = torch.where(forced, inject[pending.clamp(max=k - 1)], tok)
+        ids[:, t], logprobs[:, t], forced_at[:, t] = tok, torch.where(forced, float("nan"), lp), forced
+        length += active.long()
+        pending = torch.where(forced & active, pending + 1, pending)
+        free = active & ~forced
+        eos = free & (tok == backend.eos_id)
+        image = free & (tok == backend.image_start_id)
+        skip = image & (skips < max_image_skips)
+        skips += skip.long()
+        pending = torch.where(skip, 0, pending)
+        finished |= eos
+        active &= ~(eos | (image & ~skip))
+        steps = t + 1
+        if steps == max_new_tokens:
+            break  # the last token is never fed
+        if (device.type == "cpu" or steps % _ACTIVE_CHECK_EVERY == 0) and not bool(active.any()):
+            break
+        dec.step(tok, active)
+    # rows stop for good, so each row's ids are the first `length` columns
+    ids_h, lp_h, forced_h = (x[:, :steps].cpu().tolist() for x in (ids, logprobs, forced_at))
+    length_h, skips_h, finished_h = length.tolist(), skips.tolist(), finished.tolist()
+    out = []
+    for b in range(rows):
+        n = length_h[b]
+        out.append(Completion(ids=ids_h[b][:n], text=backend.decode(ids_h[b][:n]),
+                              sampled=[not f for f in forced_h[b][:n]], finished=finished_h[b],
+                              image_skips=skips_h[b], logprobs=lp_h[b][:n]))
+    return out

@@ -16,22 +16,29 @@ Scoring runs the model's inner network (vision tower + language model) on right-
 gathers the hidden states that predict the completion tokens, and applies the output head only
 there: `output="hidden"` returns them with the head for the chunked loss, so full-vocabulary
 logits are never formed over the context. Head rows beyond the tokenizer (padded vocabularies)
-are dropped. Prefixes are not shared between the completions of a context: each row re-runs its
-context (simple and exact; the vision tower reruns too).
+are dropped. The teacher (no gradient) encodes each context once for its `n` completions (a KV
+cache repeated n times, `_shared_prefix_hidden`); the student, with gradient, runs every
+`context + completion` row in full (the same scores; the vision tower reruns).
 
-Sampling decodes with a KV cache, one token per row per step (`HFDecoder`), through the generic
-`sample_with_image_skip`: image placeholder ids (and pad) are never sampled, and where the chat
+Sampling decodes with a KV cache, one token per row per step (`HFDecoder`), through
+`sample_on_device` (the generic image-skip rule, drawn on the model's device, no full-vocabulary
+copy to the host): image placeholder ids (and pad) are never sampled, and where the chat
 format has an image marker (`<|vision_start|>` / `<|vision_end|>`) a sampled image start gets the
 image-skip injection; LLaVA has no marker, so no image skip there. (Not `model.generate`: the
 injection needs control between two tokens; the decoder's logits equal a full forward's, tested.)
-Tensors go to the model's device (`backend.device`); sampling draws on the CPU with the caller's generator.
+Tensors go to the model's device; sampling draws there, seeded from the caller's CPU generator.
 
 Training: full fine-tuning (vision tower frozen by default) or LoRA via peft on the language model.
 `lora_dropout` (and any dropout of the model) acts in SFT only: Visual-OPSD calls `disable_dropout`,
 so the student is scored, with gradients, by the policy that sampled its completions.
 With LoRA, `adapters_disabled` gives the frozen teacher (base model, no copy), and EMA shadows
-cover only the trainable adapter weights. `save` writes the standard HF layout (merged weights with
-LoRA) plus, with LoRA, the adapter alone under `adapter/` (what an exact resume loads).
+cover only the trainable adapter weights. Full fine-tuning can be sharded by FSDP2
+(`distributed.Dist.shard_model`: a unit per decoder layer and per ViT block, the root holding the
+embeddings, the merger and the output head): scoring runs the inner network inside the root's forward
+hooks (`distributed.in_forward`), so the root's weights are gathered for it and the output head read
+after it, and decoding runs on the weights the train loop gathered before the rollouts.
+`save` writes the standard HF layout (merged weights with LoRA) plus, with LoRA, the adapter alone
+under `adapter/` (what an exact resume loads).
 """
 
 from __future__ import annotations
@@ -56,9 +63,12 @@ from visual_opsd.backends.base import (
     Segment,
     completions_per_context,
     resolve_device,
+    sample_on_device,
 )
 from visual_opsd.backends.hf_compat import load_processor
-from visual_opsd.backends.hf_config import HFOptions
+from visual_opsd.backends.hf_config import DEFAULT_LORA_TARGET, TEXT_LORA_TARGET, HFOptions
+from visual_opsd.distributed import in_forward
+from visual_opsd.hub import given_name, resolve_folder
 from visual_opsd.sample import Sample
 from visual_opsd.vt import NoiseVT, VTMode, pick_vt_images
 
@@ -77,6 +87,7 @@ class HFContext(Context):
 
     ids: list[int] = field(default_factory=list)
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values (+ image_grid_thw)
+    images: list[Image.Image] = field(default_factory=list)  # its (non-noise) images, for the vLLM engine
 
 
 @dataclass
@@ -94,6 +105,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def is_text_only(config: Any) -> bool:
+    """A causal LM without a vision tower (Qwen2ForCausalLM, ...): its config has no vision part and
+    names no image token. The backend then runs in text-only mode (module docstring)."""
+    image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    return getattr(config, "vision_config", None) is None and image_token is None
+
+
+def _auto_model_class(directory: str | Path):
+    """transformers' auto class for a saved folder: image-text-to-text, or causal LM for a text-only one."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    return transformers.AutoModelForCausalLM if is_text_only(config) else transformers.AutoModelForImageTextToText
+
+
 def _cache_of(out: Any) -> Any:
     """The KV cache of a model output (`cache` in transformers >= 5.2x, `past_key_values` before)."""
     cache = getattr(out, "cache", None)
@@ -109,6 +135,25 @@ def _cat_pixels(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return out
 
 
+def privileged_text(sample: Sample, vt_mode: VTMode, shuffled_from: Sample | None = None) -> str:
+    """What a text-only teacher reads in place of VTs, per `teacher.vt_mode`: the sample's reference
+    reasoning (its text-only trace, else its thoughts) for `data`, another sample's for `shuffled`,
+    nothing for `none`. There is no text counterpart of `noise`."""
+    def reference(s: Sample) -> str:
+        return s.text_only_trace if s.text_only_trace is not None else " ".join(s.thoughts)
+
+    if vt_mode == "data":
+        return reference(sample)
+    if vt_mode == "shuffled":
+        if shuffled_from is None or shuffled_from.id == sample.id:
+            raise ValueError("vt_mode='shuffled' needs shuffled_from=<another sample>")
+        return reference(shuffled_from)
+    if vt_mode == "none":
+        return ""
+    raise ValueError(f"a text-only model's privileged context is text: vt_mode {vt_mode!r} has no text form "
+                     "(use data, shuffled or none)")
+
+
 class HFDecoder(Decoder):
     """Batched decoding over a KV cache with explicit positions (left-padded prompts)."""
 
@@ -122,13 +167,13 @@ class HFDecoder(Decoder):
             self.cache.batch_repeat_interleave(n)
         self.attn = attn.repeat_interleave(n, 0)  # (B, S)
         self.next_pos = backend._next_positions(pos, attn).repeat_interleave(n)  # (B,)
-        # the generic sampler draws on the CPU (with the caller's CPU generator): logits live there
-        self.logits = backend._logits(model, out.last_hidden_state[:, -1]).float().cpu().repeat_interleave(n, 0)
+        # logits stay on the model's device: `sample_on_device` draws there and copies only the ids
+        self.logits = backend._logits(model, out.last_hidden_state[:, -1]).float().repeat_interleave(n, 0)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, active: torch.Tensor) -> None:
         device = self.attn.device
-        ids, active_dev = ids.to(device), active.to(device)
+        ids, active_dev = ids.to(device), active.to(device)  # no-ops when the sampler runs on the device
         self.attn = torch.cat([self.attn, active_dev[:, None].long()], dim=1)  # (B, S + 1)
         pos = self.next_pos[:, None]  # (B, 1)
         if self.backend.mrope:
@@ -138,8 +183,8 @@ class HFDecoder(Decoder):
             **{_CACHE_KWARG: self.cache},
         )
         self.cache = _cache_of(out)
-        logits = self.backend._logits(self.model, out.last_hidden_state[:, -1]).float().cpu()
-        self.logits = torch.where(active.cpu()[:, None], logits, self.logits)
+        logits = self.backend._logits(self.model, out.last_hidden_state[:, -1]).float()
+        self.logits = torch.where(active_dev[:, None], logits, self.logits)
         self.next_pos = self.next_pos + active_dev.long()
 
 
@@ -148,7 +193,8 @@ class HFBackend(Backend):
 
     def __init__(self, model: nn.Module, processor: Any, options: HFOptions | None = None, source: str | None = None):
         self.model, self.processor = model, processor
-        self.tokenizer = processor.tokenizer
+        # a text-only causal LM comes with its tokenizer alone (the text OPSD setting, `text_only`)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.options = options or HFOptions()
         self.source = source  # where the weights came from (the base of a LoRA adapter)
         config = unwrap(model).config
@@ -156,7 +202,9 @@ class HFBackend(Backend):
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(config, "image_token_index", None)
-        if self.image_token_id is None:
+        # text-only: a causal LM without a vision tower; its privileged context is text (`_text_context`)
+        self.text_only = is_text_only(config)
+        if self.image_token_id is None and not self.text_only:
             raise ValueError(f"{self.family}: the model config names no image token id; not a vision-language model")
         self.vocab_size = len(self.tokenizer)
         head_rows = unwrap(model).get_output_embeddings().weight.shape[0]
@@ -168,6 +216,8 @@ class HFBackend(Backend):
             raise ValueError("the tokenizer has no end-of-sequence token")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         start, end = getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None)
+        if self.text_only:  # a text model trained on interleaved traces still writes the chat format's marker
+            start, end = vocab.get("<|vision_start|>"), vocab.get("<|vision_end|>")
         # no image marker (LLaVA): -1 is never sampled, so image skip never triggers
         self.image_start_id = start if start is not None else -1
         self.image_end_id = end if end is not None else -1
@@ -199,8 +249,11 @@ class HFBackend(Backend):
         if options.lora:
             from peft import LoraConfig, get_peft_model
 
+            target = options.lora_target
+            if target == DEFAULT_LORA_TARGET and is_text_only(model.config):  # no `language_model` in its names
+                target = TEXT_LORA_TARGET
             lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                              target_modules=options.lora_target)
+                              target_modules=target)
             model = get_peft_model(model, lora)
         elif options.freeze_vision:
             for name, p in model.named_parameters():
@@ -215,6 +268,13 @@ class HFBackend(Backend):
         return unwrap(self.model) is not self.model
 
     @property
+    def supports_sharding(self) -> bool:
+        """FSDP2 may shard a fully fine-tuned model (distributed.py): scoring runs inside the root's
+        forward hooks (`in_forward`), decoding on the weights the train loop gathered. Not with LoRA
+        (a few trainable weights: data parallel holds them whole at little cost)."""
+        return not self.lora
+
+    @property
     def adapters_disabled(self):
         """With LoRA: a context manager in which the model is the base model (the frozen teacher)."""
         return self.model.disable_adapter if self.lora else None
@@ -222,7 +282,7 @@ class HFBackend(Backend):
     @property
     def cell_px(self) -> int:
         """Maze cell size that gives one image token per cell (Qwen: patch x merge; else 8)."""
-        ip = self.processor.image_processor
+        ip = getattr(self.processor, "image_processor", None)  # none for a text-only model
         patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
         return patch * merge if patch and merge else 8
 
@@ -259,6 +319,8 @@ class HFBackend(Backend):
     ) -> HFContext:
         if role not in ("student", "teacher"):
             raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+        if self.text_only:
+            return self._text_context(sample, role, vt_mode, shuffled_from)
         o = self.options
         content: list[dict[str, Any]] = [{"type": "image"} for _ in sample.problem_images]
         content.append({"type": "text", "text": sample.question})
@@ -283,7 +345,28 @@ class HFBackend(Backend):
         return HFContext(
             role=role, vt_mode=vt_mode if role == "teacher" else None,
             segments=self._segments(ids, len(sample.problem_images)), ids=ids, pixels=pixels,
+            images=[im.convert("RGB") for im in images if not isinstance(im, NoiseVT)],
         )
+
+    def _text_context(self, sample: Sample, role: Role, vt_mode: VTMode, shuffled_from: Sample | None) -> HFContext:
+        """A text-only model's context (the text OPSD / SDFT setting): the question alone (a text
+        model cannot read the problem images); the teacher's user turn adds the privileged reference
+        reasoning as TEXT (`privileged_text`) between `text_framing` and `transition_text`."""
+        o = self.options
+        text = sample.question
+        if role == "teacher":
+            reference = privileged_text(sample, vt_mode, shuffled_from)
+            text += "\n" + o.text_framing + ("\n" + reference if reference else "") + "\n" + o.transition_text
+        messages = [{"role": "user", "content": text}]
+        if o.system_prompt:
+            messages.insert(0, {"role": "system", "content": o.system_prompt})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if o.max_length is not None and len(ids) >= o.max_length:
+            raise ValueError(f"sample {sample.id!r}: the {role} context has {len(ids)} tokens, backend.max_length="
+                             f"{o.max_length} leaves no room for a completion: raise backend.max_length")
+        return HFContext(role=role, vt_mode=vt_mode if role == "teacher" else None,
+                         segments=self._segments(ids, 0), ids=ids)
 
     def _encode(self, text: str, images: list, generator: torch.Generator | None = None):
         """Token ids (images expanded) and image tensors; a `NoiseVT` becomes N(0, 1) in the image
@@ -361,9 +444,13 @@ class HFBackend(Backend):
         return torch.where(attn.bool(), pos, torch.zeros_like(pos)).amax(-1) + 1
 
     def _hidden(self, model: nn.Module, rows: list[tuple[list[int], dict]]) -> torch.Tensor:
-        """Last hidden states (B, S, D) of right-padded rows."""
+        """Last hidden states (B, S, D) of right-padded rows. The inner network runs inside the
+        model's forward hooks (`in_forward`): under FSDP2 the embeddings and output head, which sit
+        outside the layer units, are gathered for it and the output head read after it, and their
+        gradients are reduced."""
         ids, attn, pos, pixels = self._batch(rows, model)
-        out = self._inner(model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **pixels)
+        out = in_forward(model, self._inner(model), input_ids=ids, attention_mask=attn, position_ids=pos,
+                         use_cache=False, **pixels)
         return out.last_hidden_state
 
     # scoring -----------------------------------------------------------------------------------
@@ -396,15 +483,18 @@ class HFBackend(Backend):
         if not torch.is_grad_enabled():
             model.eval()  # a teacher forward: no dropout (LoRA dropout included)
         try:
-            h = self._hidden(model, rows)  # (m, S, D)
+            if g > 1 and not torch.is_grad_enabled():  # the teacher: each context encoded once
+                hidden = self._shared_prefix_hidden(model, contexts, completions, keep, T)  # (m, T, D)
+            else:
+                h = self._hidden(model, rows)  # (m, S, D)
+                # position t predicts completion token t: the context's last position, then tokens 0..T-2
+                start = torch.tensor([len(contexts[i // g].ids) - 1 for i in range(m)], device=h.device)
+                index = (start[:, None] + torch.arange(T, device=h.device)[None]).clamp(max=h.shape[1] - 1)
+                hidden = torch.gather(h, 1, index[..., None].expand(-1, -1, h.shape[-1]))  # (m, T, D)
         finally:
             model.train(training)
-        lengths = torch.tensor(keep, device=h.device)
-        mask = torch.arange(T, device=h.device)[None] < lengths[:, None]  # (m, T) from lengths: pad may equal eos
-        # position t predicts completion token t: the context's last position, then tokens 0..T-2
-        start = torch.tensor([len(contexts[i // g].ids) - 1 for i in range(m)], device=h.device)
-        index = (start[:, None] + torch.arange(T, device=h.device)[None]).clamp(max=h.shape[1] - 1)  # (m, T)
-        hidden = torch.gather(h, 1, index[..., None].expand(-1, -1, h.shape[-1]))  # (m, T, D)
+        lengths = torch.tensor(keep, device=hidden.device)
+        mask = torch.arange(T, device=hidden.device)[None] < lengths[:, None]  # (m, T) from lengths: pad may equal eos
         hidden = hidden * mask[..., None].to(hidden.dtype)
         if output == "hidden":
             weight, bias = self._head(model)
@@ -412,6 +502,38 @@ class HFBackend(Backend):
                 raise ValueError("output='hidden' needs an output head without bias")
             return Scores(mask=mask, hidden=hidden, head_weight=weight)
         return Scores(mask=mask, logits=self._logits(model, hidden))
+
+    def _shared_prefix_hidden(self, model: nn.Module, contexts: list[HFContext], completions: list[list[int]],
+                              keep: list[int], T: int) -> torch.Tensor:
+        """(m, T, D) hidden states that predict each completion token, every context encoded ONCE for
+        its g = m / len(contexts) completions (as the mini backend scores): the contexts, left-padded,
+        fill a KV cache that is repeated g times, then the first `keep[i]` ids of each completion
+        (right-padded) run on it, one forward for all. The numbers of full `context + completion`
+        rows (tested) for 1/g of the context compute, vision tower included. Used without gradient
+        (the teacher); the student, with gradient, keeps full rows, which gradient checkpointing
+        (off with a cache) and FSDP2's units handle."""
+        g = len(completions) // len(contexts)
+        inner = self._inner(model)
+        ids, attn, pos, pixels = self._batch([(c.ids, c.pixels) for c in contexts], model, left_pad=True)
+        out = in_forward(model, inner, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **pixels)
+        last = out.last_hidden_state[:, -1].repeat_interleave(g, 0)[:, None]  # (m, 1, D): predicts token 0
+        if T == 1:
+            return last
+        cache = _cache_of(out)
+        cache.batch_repeat_interleave(g)
+        device = ids.device
+        comp = torch.full((len(completions), T - 1), self.pad_id, dtype=torch.long)  # token T-1 predicts nothing
+        for i, (c, n) in enumerate(zip(completions, keep, strict=True)):
+            comp[i, : min(n, T - 1)] = torch.tensor(c[: min(n, T - 1)], dtype=torch.long)
+        valid = torch.arange(T - 1)[None] < torch.tensor(keep)[:, None]  # (m, T-1)
+        step = torch.arange(T - 1, device=device)[None]
+        cpos = self._next_positions(pos, attn).repeat_interleave(g)[:, None] + step  # (m, T-1)
+        if self.mrope:
+            cpos = cpos[None].expand(3, -1, -1)  # text positions are equal in t, h, w
+        cattn = torch.cat([attn.repeat_interleave(g, 0), valid.long().to(device)], dim=1)
+        out = in_forward(model, inner, input_ids=comp.to(device), attention_mask=cattn, position_ids=cpos,
+                         use_cache=True, **{_CACHE_KWARG: cache})
+        return torch.cat([last, out.last_hidden_state], dim=1)  # (m, T, D)
 
     def completion_room(self, context: HFContext) -> int | None:
         """Completion tokens that fit after `context` within `max_length` (None: no limit)."""
@@ -442,7 +564,9 @@ class HFBackend(Backend):
 
     def sample(self, contexts, n=1, max_new_tokens=256, temperature=1.0, max_image_skips=1, generator=None,
                model=None):
-        """As `Backend.sample`; with `max_length`, the token budget stops where the longest context hits it."""
+        """As `Backend.sample`, drawn on the model's device (`sample_on_device`: one forward per
+        step, no per-row Python, ids copied to the host once); with `max_length`, the token budget
+        stops where the longest context hits it."""
         if self.options.max_length is not None:
             room = self.options.max_length - max(len(c.ids) for c in contexts)
             max_new_tokens = max(1, min(max_new_tokens, room))
@@ -450,7 +574,9 @@ class HFBackend(Backend):
         was_training = model.training
         model.eval()
         try:
-            return super().sample(contexts, n, max_new_tokens, temperature, max_image_skips, generator, model)
+            with torch.no_grad():
+                dec = self.decoder(contexts, n, model)
+                return sample_on_device(self, dec, max_new_tokens, temperature, max_image_skips, generator)
         finally:
             model.train(was_training)
 
@@ -560,9 +686,10 @@ class HFBackend(Backend):
 
     def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """The standard HF layout (config.json, safetensors, processor files); with LoRA the merged
-        weights there (unless `save_merged` is off) and the adapter alone under `adapter/`."""
-        if state is not None:
-            raise ValueError("the HF backend cannot be sharded (no supports_sharding), so it saves its own weights")
+        weights there (unless `save_merged` is off) and the adapter alone under `adapter/`.
+        `state`: whole weights to write instead of the module's (gathered from an FSDP2 run)."""
+        if state is not None and self.lora:
+            raise ValueError("a LoRA model is never sharded (supports_sharding), so it saves its own weights")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         base = unwrap(self.model)
@@ -571,14 +698,16 @@ class HFBackend(Backend):
             if self.source is not None:  # the adapter's base, for `PeftModel.from_pretrained` and resume
                 cfg_file = directory / ADAPTER_DIR / "adapter_config.json"
                 cfg = json.loads(cfg_file.read_text())
-                cfg["base_model_name_or_path"] = str(Path(self.source).resolve())
+                # the Hub id the user gave, when the base came from one, not this machine's cache path
+                cfg["base_model_name_or_path"] = given_name(self.source) or str(Path(self.source).resolve())
                 cfg_file.write_text(json.dumps(cfg, indent=2))
             if self.options.save_merged:
                 base.save_pretrained(directory, state_dict=merged_state_dict(self.model))
         else:
-            base.save_pretrained(directory)
+            base.save_pretrained(directory, state_dict=state)
         self.processor.save_pretrained(directory)
-        meta = {"format": FORMAT, "family": self.family, "source": self.source, "lora": self.lora,
+        meta = {"format": FORMAT, "family": self.family, "source": given_name(self.source) or self.source,
+                "lora": self.lora,
                 "options": asdict(self.options)}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -589,8 +718,6 @@ class HFBackend(Backend):
         resume=True with a LoRA checkpoint loads its base and continues training its adapter
         (exact resume); otherwise the merged weights are loaded and, with `options.lora`, fresh
         adapters are added (e.g. Visual-OPSD with LoRA on top of an SFT teacher)."""
-        from transformers import AutoModelForImageTextToText
-
         directory = Path(directory)
         if not (directory / "config.json").is_file() and not (directory / ADAPTER_DIR).is_dir():
             raise FileNotFoundError(f"{directory}: no config.json; not a Hugging Face model folder")
@@ -611,9 +738,11 @@ class HFBackend(Backend):
             from peft import PeftModel
 
             base_path = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if base_path:  # a Hub id (recorded by a run started from one): its snapshot in the Hugging Face cache
+                base_path = str(resolve_folder(base_path, "model", key=f"{adapter}: base_model_name_or_path"))
             if not base_path or not Path(base_path).exists():
                 raise FileNotFoundError(f"{adapter}: the adapter's base model {base_path!r} is not on disk")
-            base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs).to(resolve_device(options.device))
+            base = _auto_model_class(base_path).from_pretrained(base_path, **kwargs).to(resolve_device(options.device))
             if options.lora:
                 model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
                 backend = cls(model, processor, options, source=base_path)
@@ -622,7 +751,7 @@ class HFBackend(Backend):
                 return backend
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             return cls.prepare(model, processor, options, source=base_path)
-        model = AutoModelForImageTextToText.from_pretrained(directory, **kwargs)
+        model = _auto_model_class(directory).from_pretrained(directory, **kwargs)
         return cls.prepare(model, processor, options, source=str(directory))
 
 

@@ -78,12 +78,15 @@ def build_processor(
 
 def load_processor(path: str | Path):
     """`AutoProcessor.from_pretrained(path)`, or, without torchvision, the same processor assembled
-    from the folder's image processor, tokenizer, chat template and processor options."""
+    from the folder's image processor, tokenizer, chat template and processor options. A text-only
+    model's folder (no processor files) gives its tokenizer, as `AutoProcessor` does."""
     import transformers
 
     if HAS_TORCHVISION:
         return transformers.AutoProcessor.from_pretrained(path)
     path = Path(path)
+    if (path / "tokenizer_config.json").is_file() and not any((path / n).is_file() for n in _PROCESSOR_FILES):
+        return transformers.AutoTokenizer.from_pretrained(path)
     config: dict[str, Any] = {}
     for name in _PROCESSOR_FILES:
         if (path / name).is_file():

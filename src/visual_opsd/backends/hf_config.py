@@ -8,14 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from visual_opsd.backends.base import FRAMING_TEXT, TRANSITION_TEXT, word_spaced
+from visual_opsd.backends.base import FRAMING_TEXT, TEXT_FRAMING, TRANSITION_TEXT, word_spaced
 
 HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+TEXT_FAMILIES = ("qwen2",)  # text-only causal LMs: the privileged context is text (hf.py, text-only mode)
 # LoRA on the language model's projections only (a plain name list would also catch the Qwen2.5-VL
 # vision MLP, whose layers are called gate_proj / up_proj / down_proj too)
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# a text-only causal LM (no vision MLP to avoid): every attention and MLP projection
+TEXT_LORA_TARGET = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # spaced for the tiny models' word-level tokenizer (their texts are the mini model's)
 DEFAULT_FRAMING, DEFAULT_TRANSITION = word_spaced(FRAMING_TEXT), word_spaced(TRANSITION_TEXT)
+DEFAULT_TEXT_FRAMING = word_spaced(TEXT_FRAMING)
 
 
 @dataclass
@@ -23,8 +27,9 @@ class HFOptions:
     """How to load, adapt and prompt a Hugging Face vision-language model."""
 
     kind: Literal["hf"] = field(default="hf", metadata={"help": "backend family"})
-    tiny: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"] | None = field(
-        default=None, metadata={"help": "sft without init_from: build a tiny random model of this family (tests/demos)"}
+    tiny: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "qwen2"] | None = field(
+        default=None, metadata={"help": "sft without init_from: build a tiny random model of this family (tests/demos; "
+                                        "qwen2: a text-only causal LM)"}
     )
     tiny_hidden: int = field(default=64, metadata={"help": "with tiny: width of the language model"})
     tiny_layers: int = field(default=2, metadata={"help": "with tiny: layers of the language model"})
@@ -51,6 +56,10 @@ class HFOptions:
     system_prompt: str | None = field(default=None, metadata={"help": "system turn shared by student and teacher"})
     framing_text: str = field(default=DEFAULT_FRAMING, metadata={"help": "teacher text before the VTs"})
     transition_text: str = field(default=DEFAULT_TRANSITION, metadata={"help": "teacher text after the VTs"})
+    text_framing: str = field(
+        default=DEFAULT_TEXT_FRAMING,
+        metadata={"help": "text-only models: teacher text before the privileged reference reasoning"},
+    )
     save_merged: bool = field(
         default=True, metadata={"help": "LoRA: also write merged full weights (else the adapter alone)"}
     )

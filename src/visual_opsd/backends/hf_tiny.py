@@ -1,10 +1,12 @@
 """Tiny Hugging Face vision-language models built in code: random weights, a tokenizer trained here.
 
 One builder per family the HF backend supports: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA (a
-CLIP vision tower in front of a Llama). Each returns `(model, processor)` with the family's real
-classes, so `save_pretrained` / `from_pretrained` / the processor's chat template behave as for the
-released checkpoints, only small (well under a million parameters; a forward takes milliseconds
-on a CPU). Tests, demos and benchmarks share these builders; nothing is downloaded.
+CLIP vision tower in front of a Llama), and a text-only Qwen2 causal LM (`tiny_text_qwen2`, the
+backend's text-only mode and the vLLM rollout engine's test model). Each returns
+`(model, processor)` with the family's real classes, so `save_pretrained` / `from_pretrained` /
+the processor's chat template behave as for the released checkpoints, only small (well under a
+million parameters; a forward takes milliseconds on a CPU). Tests, demos and benchmarks share
+these builders; nothing is downloaded.
 
 The tokenizer is a byte-level BPE trained on the maze task's texts (so any text round-trips
 exactly), with the family's chat specials and the trace markers (`<think>`, `<answer>`, ...) as
@@ -22,6 +24,7 @@ from visual_opsd.backends.hf_compat import build_processor, image_processor_clas
 from visual_opsd.sample import MARKERS
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+TEXT_FAMILIES = ("qwen2",)  # text-only causal LMs (their processor is the tokenizer)
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>")
 LLAVA_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
@@ -191,10 +194,52 @@ def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int
     return model, processor
 
 
+def tiny_text_qwen2(seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
+    """A tiny text-only Qwen2 causal LM `(model, tokenizer)` with the Qwen chat template. Heads have
+    32 dimensions (64 from hidden 128 on): vLLM's CPU attention refuses 16. `vocab_size` pads the
+    tokenizer with `<extra_i>` tokens up to that size (benchmarks want a real vocabulary's output head;
+    the backend only samples ids the tokenizer has)."""
+    import transformers as tf
+
+    tok = _copy_tokenizer(_qwen_tokenizer_files())
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    if vocab_size is not None and vocab_size > len(tok):
+        tok.add_tokens([f"<extra_{i}>" for i in range(vocab_size - len(tok))])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    head_dim = 64 if hidden >= 128 else 32
+    heads = max(1, hidden // head_dim)
+    config = tf.Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    model = tf.Qwen2ForCausalLM(config).eval()
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model, _as_saved(tok, config)
+
+
+def _as_saved(tok, config):
+    """`tok` as a saved folder of this model reloads it: transformers picks the tokenizer class from
+    the model type (Qwen2Tokenizer, which splits digits), so the tiny model uses that one throughout."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        config.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+
+
 def tiny_model(family: str, seed: int = 0, **options):
-    """`(model, processor)` of a tiny model of `family` (one of FAMILIES)."""
+    """`(model, processor)` of a tiny model of `family` (one of FAMILIES, or TEXT_FAMILIES: then the
+    processor is the tokenizer)."""
+    if family == "qwen2":
+        return tiny_text_qwen2(seed=seed, **options)
     if family == "llava":
         return tiny_llava(seed=seed, **options)
     if family in FAMILIES:
         return tiny_qwen(family, seed=seed, **options)
-    raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES + TEXT_FAMILIES)}")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from visual_opsd.backends import is_bagel_folder, open_backend
 from visual_opsd.backends.base import Backend, Interleaved
+from visual_opsd.hub import resolve_folder
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import Task, get_task
 
@@ -25,8 +26,8 @@ ALL = "all"  # the pseudo-task of metrics pooled over every task
 def model_folder(path: str | Path) -> Path:
     """The folder holding `config.json` (a BAGEL folder: `llm_config.json` + `vit_config.json`) and the
     weights: `path` itself, or its `model/` subfolder (the layout of Visual-OPSD checkpoints
-    `best/model`, `last/model`)."""
-    path = Path(path)
+    `best/model`, `last/model`). A Hub id `org/name[@rev]` is its snapshot in the Hugging Face cache."""
+    path = resolve_folder(path, "model", key="model")
     for folder in (path, path / "model"):
         if (folder / "config.json").is_file() or is_bagel_folder(folder):
             return folder

@@ -155,9 +155,10 @@ def diagnose_samples(cfg: DiagnoseDataConfig, backend: Backend) -> list[Sample]:
     """The samples to diagnose on: the first `n` of each task of `path`, or `n` generated per task."""
     if cfg.path is not None:
         from visual_opsd.data import load_dataset
+        from visual_opsd.hub import resolve_folder
 
         out, seen = [], {}
-        for s in load_dataset(cfg.path):
+        for s in load_dataset(resolve_folder(cfg.path, "dataset", key="data.path")):
             seen[s.task] = seen.get(s.task, 0) + 1
             if cfg.n is None or seen[s.task] <= cfg.n:
                 out.append(s)
