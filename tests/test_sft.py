@@ -142,3 +142,19 @@ def test_sft_on_a_dataset_mixing_tasks_validates_per_task(tmp_path):
     assert {"val/accuracy/text", "val/accuracy/text/maze", "val/accuracy/text/short_answer"} <= set(last)
     both = (last["val/accuracy/text/maze"] + last["val/accuracy/text/short_answer"]) / 2  # 2 of each
     assert last["val/accuracy/text"] == pytest.approx(both)
+
+
+def test_a_sample_of_an_unknown_task_stops_the_run_in_one_line_before_writing(tmp_path, capsys):
+    from visual_opsd.cli import main
+    from visual_opsd.data import write_dataset
+    from visual_opsd.tasks import get_task
+
+    mazes = get_task("maze").generate(6, seed=3, split="train", sizes=(3, 3), cell_px=4)
+    mazes[4].task = "Geometry_Sketch"
+    write_dataset(mazes, tmp_path / "odd")
+    out = tmp_path / "run"
+    argv = ["sft", *TINY, "data.trace=text_only", f"data.path={tmp_path / 'odd'}", "data.n_val=2", f"out_dir={out}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert f"row {mazes[4].id}: task: unknown task 'Geometry_Sketch'; known tasks: jigsaw, maze" in err

@@ -70,18 +70,18 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     },
 }
 # `--preset full`: the same pipeline at the larger CPU scale (configs/sft_cpu_large.yaml's model) on
-# VSP's sizes 3..8, sized to about 90 minutes on 2 cores (per-step costs in docs/miniature.md); the
+# VSP's sizes 3..8, sized to about 80 minutes on 2 cores (per-step costs in docs/miniature.md); the
 # default demo's settings otherwise.
-_FULL_SFT = {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "optim.steps": 400,
-             "optim.batch_size": 32, "optim.lr": 2.0e-3, "eval.every": 200, "eval.max_new_tokens": 320}
+_FULL_SFT = {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "optim.steps": 350,
+             "optim.batch_size": 32, "optim.lr": 2.0e-3, "eval.every": 175, "eval.max_new_tokens": 320}
 PRESETS["full"] = {
     "test": {"n": 300, "sizes": [3, 8], "seed": 2, "path": "random"},
     "pretrain": {"data.n_train": 20000, "data.n_val": 64, "data.sizes": [3, 8], "model.d_model": 192,
-                 "model.n_layers": 6, "model.n_heads": 6, "optim.steps": 1200, "optim.batch_size": 32,
-                 "optim.lr": 2.0e-3, "optim.warmup_steps": 50, "eval.every": 1200, "eval.max_new_tokens": 320},
+                 "model.n_layers": 6, "model.n_heads": 6, "optim.steps": 1000, "optim.batch_size": 32,
+                 "optim.lr": 2.0e-3, "optim.warmup_steps": 50, "eval.every": 1000, "eval.max_new_tokens": 320},
     "sft_teacher": _FULL_SFT,
     "sft_text": _FULL_SFT,
-    "opsd": {"data.sizes": [3, 8], "optim.steps": 120, "eval.every": 60, "rollout.max_new_tokens": 320,
+    "opsd": {"data.sizes": [3, 8], "optim.steps": 100, "eval.every": 50, "rollout.max_new_tokens": 320,
              "eval.max_new_tokens": 320},
     "diagnose": {"data.sizes": [3, 8], "data.n": 96, "interventions.max_new_tokens": 320,
                  "attention.max_new_tokens": 320, "kl.max_new_tokens": 320},

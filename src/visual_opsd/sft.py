@@ -56,7 +56,7 @@ from visual_opsd.hub import resolve_folder
 from visual_opsd.optim import MetricsLog, adamw, lr_at, set_lr
 from visual_opsd.sample import Sample
 from visual_opsd.tasks import TASKS, Task, get_task
-from visual_opsd.tasks.base import accuracy_by_task
+from visual_opsd.tasks.base import accuracy_by_task, scorer_of
 from visual_opsd.tokenizer import build_tokenizer_for_tasks
 from visual_opsd.tracking import (
     Tracker,
@@ -256,11 +256,20 @@ def load_train_val(cfg: TaskDataConfig, task: Task, patch_size: int) -> tuple[li
     """The training and validation samples. A training dataset (`path`) without a `val_path` gives
     `n_val` of its own samples to validation, spread evenly over the tasks it mixes
     (`split_by_task`): validation then follows the data (e.g. ThinkMorph's four tasks) rather than
-    a generator of one task."""
+    a generator of one task. Every sample must have a task that can score it (its own, or `task`):
+    an unknown one is a DataError naming the sample, before the run writes anything."""
     train = load_samples(cfg, task, "train", patch_size)
     if cfg.path is not None and cfg.val_path is None:
-        return split_by_task(train, cfg.n_val, cfg.seed, source=cfg.path)
-    return train, load_samples(cfg, task, "val", patch_size)
+        train, val = split_by_task(train, cfg.n_val, cfg.seed, source=cfg.path)
+    else:
+        val = load_samples(cfg, task, "val", patch_size)
+    for split, samples, where in (("train", train, cfg.path), ("val", val, cfg.val_path or cfg.path)):
+        for s in samples:
+            try:
+                scorer_of(s, task)
+            except DataError as e:
+                raise DataError(f"{e.reason} ({split} split)", file=where, row=e.row, field=e.field) from None
+    return train, val
 
 
 def split_by_task(samples: list[Sample], n_val: int, seed: int, source: str = "") -> tuple[list[Sample], list[Sample]]:
