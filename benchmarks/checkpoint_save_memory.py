@@ -1,10 +1,12 @@
-"""Peak host memory of writing `last/` from an FSDP2 run: gathered to rank 0 (before) vs sharded (DCP).
+"""Peak host memory of writing `last/` from a sharded run (FSDP2 or DeepSpeed ZeRO-3): gathered to
+rank 0 (before) vs sharded (DCP).
 
-Both ways save the same state: an FSDP2-sharded mini model of P parameters (fp32), its AdamW state
-(after one step) and its EMA teacher's shadow, on 2 gloo CPU processes:
-- `gather`: what FSDP2 runs did before sharded checkpoints, and what unsharded runs still do:
-  `engine.whole_weights()` + `engine.train_state()` make whole tensors (`full_tensor`) of the
-  weights, the AdamW moments and the shadow, and rank 0 writes them (`train.save_train_state`);
+Both ways save the same state: a mini model of P parameters (fp32) sharded by `--engine` (FSDP2, or
+ZeRO-3's flat partitions), its AdamW state (after one step) and its EMA teacher's shadow, on 2 gloo
+CPU processes:
+- `gather`: what sharded runs did before sharded checkpoints, and what unsharded runs still do:
+  `engine.whole_weights()` + `engine.train_state()` make whole tensors of the weights, the AdamW
+  moments and the shadow, and rank 0 writes them (`train.save_train_state`);
 - `dcp`: `sharded_checkpoint.save`: every rank writes the shards it holds with
   torch.distributed.checkpoint; nothing is gathered.
 
@@ -16,6 +18,7 @@ too: its increase during the save is a lower bound, zero when the save stayed be
 (building the whole model before sharding it).
 
     python benchmarks/checkpoint_save_memory.py                        # P = 96.5 M (368 MiB fp32), ~1 min
+    python benchmarks/checkpoint_save_memory.py --engine zero3         # the same under DeepSpeed ZeRO-3
     python benchmarks/checkpoint_save_memory.py --d-model 256 --layers 2   # smoke test
 """
 
@@ -42,14 +45,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(method: str, out: Path, d_model: int, layers: int) -> list[dict]:
+def launch(method: str, out: Path, d_model: int, layers: int, engine: str) -> list[dict]:
     """One save `method` in 2 fresh processes; each rank's measurement."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
            "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), __file__, "--worker", method, "--out", str(out),
-           "--d-model", str(d_model), "--layers", str(layers)]
+           "--d-model", str(d_model), "--layers", str(layers), "--engine", engine]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -78,7 +81,7 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def worker(method: str, out: Path, d_model: int, layers: int) -> None:
+def worker(method: str, out: Path, d_model: int, layers: int, engine_kind: str) -> None:
     """Build, shard and step a mini model, then save `last/` the `method` way, measuring this rank."""
     import gc
     import resource
@@ -89,7 +92,7 @@ def worker(method: str, out: Path, d_model: int, layers: int) -> None:
     from visual_opsd import sharded_checkpoint
     from visual_opsd.backends.mini import MiniBackend
     from visual_opsd.distributed import Dist
-    from visual_opsd.engines import TorchEngine
+    from visual_opsd.engines import TorchEngine, ZeroEngine
     from visual_opsd.teacher import Teacher
     from visual_opsd.tokenizer import build_tokenizer_for_tasks
     from visual_opsd.train import TrainOptimConfig, save_train_state
@@ -102,11 +105,15 @@ def worker(method: str, out: Path, d_model: int, layers: int) -> None:
     model_dir = out / "init"
     if dist.is_main and method == "dcp":
         backend.save(model_dir)  # the folder a sharded checkpoint records as the run's init_from (unsharded)
-    engine = TorchEngine(dist, backend.model, TrainOptimConfig(), sharded=True)
+    if engine_kind == "zero3":
+        engine = ZeroEngine(dist, backend.model, TrainOptimConfig(), 3, micro_batch=1)
+    else:
+        engine = TorchEngine(dist, backend.model, TrainOptimConfig(), sharded=True)
     teacher = Teacher(backend.model, "ema", 0.5, layout=engine.layout)
-    for p in engine.params:  # one AdamW step on zero gradients: its state exists, shaped as in training
-        p.grad = torch.zeros_like(p)
-    engine.optimizer.step()
+    # one AdamW step on zero gradients: its state exists, shaped as in training
+    engine.layout.gather()
+    engine.backward(sum((p * 0).sum() for p in engine.params), last=True)
+    engine.step(loss_finite=True)
     teacher.update()
     dist.barrier()
     gc.collect()
@@ -137,21 +144,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--engine", choices=["fsdp", "zero3"], default="fsdp",
+                        help="how the run shards the model: FSDP2 or DeepSpeed ZeRO-3 (default fsdp)")
     parser.add_argument("--worker", choices=["gather", "dcp"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.out), args.d_model, args.layers)
+        worker(args.worker, Path(args.out), args.d_model, args.layers, args.engine)
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("gather", "dcp"):
-            results[method] = launch(method, Path(tmp) / method, args.d_model, args.layers)
+            results[method] = launch(method, Path(tmp) / method, args.d_model, args.layers, args.engine)
             print(f"{method}: done", file=sys.stderr, flush=True)
     n = results["gather"][0]["params"]
     print(f"\nmini model: d_model {args.d_model}, {args.layers} layers, P = {n / 1e6:.1f} M parameters; fp32 weights "
           f"{4 * n / MIB:.0f} MiB; last/ holds weights + AdamW (2x) + EMA shadow = {16 * n / MIB:.0f} MiB; "
-          "FSDP2 over 2 gloo processes\n")
+          f"{'FSDP2' if args.engine == 'fsdp' else 'DeepSpeed ZeRO-3'} over 2 gloo processes\n")
     print("| save | rank | RSS before (MiB) | peak during the save (MiB) | increase (MiB) | ru_maxrss increase (MiB) "
           "| wall s | written (MiB) |")
     print("|---|---|---|---|---|---|---|---|")

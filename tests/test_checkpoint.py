@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from visual_opsd.checkpoint import TMP_PREFIX, atomic_dir
 
@@ -49,3 +50,20 @@ def test_manifest_and_previous_checkpoint(tmp_path):
     (tmp_path / "last.prev" / "sub" / "w.bin").write_text("")
     with pytest.raises(CheckpointError, match="0 bytes, the manifest says 3"):
         resolve_checkpoint(dest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_partition_view_is_handed_to_dcp_without_a_copy(dtype):
+    """ZeRO-3's partitions are views into flat buffers; DCP's writer would clone each (and keep the
+    clones until the file is written). `_own_storage` gives the same memory a storage of its own size."""
+    from visual_opsd.engines import _own_storage
+
+    flat = torch.arange(100, dtype=torch.float32).to(dtype)
+    view = flat[10:30]
+    own = _own_storage(view)
+    assert own.untyped_storage().nbytes() == own.nbytes == view.nbytes and own.dtype == dtype
+    assert own.data_ptr() == view.data_ptr() and torch.equal(own, view)
+    own[0] = -1  # the same memory: a write shows in the buffer
+    assert float(flat[10]) == -1
+    whole = torch.ones(4, dtype=dtype)
+    assert _own_storage(whole) is whole

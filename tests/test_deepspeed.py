@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from helpers import DIST_STEPS, dist_overrides, launch, max_diff, one_process, step_rows, weights
+from helpers import DIST_STEPS, dist_overrides, launch, max_diff, one_process, optimizer_state, step_rows, weights
 from safetensors.torch import load_file
 
 from visual_opsd import sharded_checkpoint
@@ -38,12 +38,16 @@ def assert_grads_match(one, two) -> None:
 
 
 def assert_optimizer_matches(one, two) -> None:
-    opt_a, opt_b = (torch.load(d / "last" / "optimizer.pt", weights_only=True) for d in (one, two))
-    assert opt_a["param_groups"][0]["params"] == opt_b["param_groups"][0]["params"]  # torch's layout
-    assert set(opt_a["state"]) <= set(opt_b["state"])
-    for i, state in opt_a["state"].items():
-        for k, v in state.items():  # whole tensors, not DeepSpeed's flat partitions
-            assert v.shape == opt_b["state"][i][k].shape and float((v - opt_b["state"][i][k]).abs().max()) < 1e-6
+    """AdamW's state of two last/ in torch's per-parameter layout: whole tensors in their shapes, not
+    DeepSpeed's flat partitions (a ZeRO-3 checkpoint's shards are read whole and reshaped)."""
+    if not any(sharded_checkpoint.is_sharded(d / "last") for d in (one, two)):
+        groups = [torch.load(d / "last" / "optimizer.pt", weights_only=True)["param_groups"] for d in (one, two)]
+        assert groups[0][0]["params"] == groups[1][0]["params"]  # torch's layout
+    opt_a, opt_b = optimizer_state(one / "last"), optimizer_state(two / "last")
+    assert opt_a and set(opt_a) <= set(opt_b)
+    for i, state in opt_a.items():
+        for k, v in state.items():
+            assert v.shape == opt_b[i][k].shape and float((v - opt_b[i][k]).abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("stage, config", [(1, None), (2, "deepspeed_zero2.yaml"), (3, "deepspeed_zero3.yaml")])
@@ -70,20 +74,47 @@ def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stag
         assert b["tokens"] == a["tokens"] == sum(b["tokens/per_rank"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
+    # ZeRO-3 writes each rank's partitions (nothing gathered), ZeRO-1/2 whole tensors from rank 0
+    assert sharded_checkpoint.is_sharded(out / "last") == (stage == 3)
     written = sorted(p.name for p in out.iterdir())  # rank 0 alone wrote
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
 
 
 def test_zero_checkpoints_resume_on_another_engine(tiny_model, single, tmp_path):
-    """Step 1 under ZeRO-3 on 2 processes, step 2 in one plain process, step 3 under ZeRO-2 on 2
-    processes: the weights, teacher and optimizer state of one uninterrupted process (checkpoints
-    hold whole tensors in torch's layout; DeepSpeed's optimizer state is loaded into its partitions)."""
+    """Step 1 under ZeRO-3 on 2 processes (each rank's partitions), step 2 in one plain process (whole
+    tensors in torch's layout), step 3 under ZeRO-2 on 2 processes: the weights, teacher and optimizer
+    state of one uninterrupted process (DeepSpeed's optimizer state is loaded into its partitions)."""
     out = tmp_path / "mixed"
     launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
     run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
     launch(2, dist_overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
+    assert_optimizer_matches(single, out)
+    assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
+
+
+def test_zero3_writes_its_partitions_and_resumes_under_zero3_and_fsdp(tiny_model, single, tmp_path):
+    """ZeRO-3's last/ holds each rank's partitions (DCP, one file per rank; flat 1-D tensors with their
+    whole shapes in sharded.json), never the whole model: it resumes under ZeRO-3 on 2 processes, and
+    that one's under FSDP2 (whole tensors into the shards), ending on the uninterrupted weights,
+    teacher and AdamW state; `visual-opsd export` of it is the student's model folder."""
+    out = tmp_path / "z3"
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
+    last = out / "last"
+    assert sharded_checkpoint.is_sharded(last) and not (last / "model").exists()
+    assert sorted(p.name for p in (last / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    info = json.loads((last / sharded_checkpoint.INFO).read_text())
+    whole = weights(single / "last")
+    model = sharded_checkpoint.read_whole(last, "model/")  # reshaped from the flat partitions
+    assert {k: list(v.shape) for k, v in model.items()} == {k: list(v.shape) for k, v in whole.items()
+                                                             if not k.startswith("teacher/")}
+    assert info["shapes"] and all(len(shape) >= 1 for shape in info["shapes"].values())
+    assert any(len(shape) == 2 for shape in info["shapes"].values())  # matrices were stored flat
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, resume=last, stop_at_step=2))
+    assert sharded_checkpoint.is_sharded(last) and json.loads((last / "trainer_state.json").read_text())["step"] == 2
+    launch(2, dist_overrides(tiny_model, out, shard_weights="true", resume=last))
+    assert max_diff(weights(single / "last", teacher=True), weights(out / "last", teacher=True)) < 1e-6
     assert_optimizer_matches(single, out)
     assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))
 

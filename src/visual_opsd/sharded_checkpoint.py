@@ -1,15 +1,19 @@
 """Sharded checkpoints of sharded runs: every process writes its own shards of `last/` with DCP.
 
-Under FSDP2 a process holds 1/N of the weights, of AdamW's state and of the EMA teacher's shadow.
-A whole-tensor checkpoint gathers all of it through one process (ThinkMorph-7B: 14.6 B parameters,
-~58 GB of fp32 weights alone, plus twice that of AdamW state). Instead every rank writes the shards
-it holds with `torch.distributed.checkpoint` (DCP); nothing is gathered:
+Under FSDP2 and DeepSpeed ZeRO-3 a process holds 1/N of the weights, of AdamW's state and of the
+EMA teacher's shadow. A whole-tensor checkpoint gathers all of it through one process
+(ThinkMorph-7B: 14.6 B parameters, ~58 GB of fp32 weights alone, plus twice that of AdamW state).
+Instead every rank writes the shards it holds with `torch.distributed.checkpoint` (DCP); nothing
+is gathered. FSDP2's shards are DTensors of the whole tensors; ZeRO-3's partitions are flat slices,
+written as 1-D DTensors of the flattened tensors with their whole shapes in `sharded.json`
+(`shapes`), and reshaped whenever they are read whole.
 
     last/
       dcp/                 DCP's files: one `__<rank>_0.distcp` per rank, and `.metadata` (every
                            tensor's whole shape and where its pieces lie)
       sharded.json         the format, the model folder the run started from (`model_from`) and its
-                           backend options, the optimizer's param groups and parameter names
+                           backend options, the optimizer's param groups and parameter names, and
+                           the whole shapes of the tensors stored flat (ZeRO-3)
       trainer_state.json   step, best, ... (as in every checkpoint)
       manifest.json        size + SHA-256 of every file, every rank's included
 
@@ -26,7 +30,8 @@ run's `init_from` (architecture, config, tokenizer) and its weights replaced by 
 then the optimizer state and the teacher's shadow (`load_state`): in place, so under FSDP2 each rank
 reads only the pieces of its own shards whatever the process count that wrote them (DCP reshards
 on load) and one plain process reads whole tensors; DeepSpeed ZeRO gets whole tensors through its
-engine's loader. The unsharded checkpoint layout (`train.save_train_state`) is unchanged.
+engine's loader, and so does any engine resuming a ZeRO-3 (flat) checkpoint. The unsharded
+checkpoint layout (`train.save_train_state`) is unchanged.
 
 Export (`visual-opsd export CHECKPOINT --out DIR`, `export`): the student's weights in the model
 family's own folder layout (HF `save_pretrained`, BAGEL's released layout, mini), which eval,
@@ -68,11 +73,12 @@ def save(path: Path, engine: Any, teacher: Any, dist: Any, model_from: str | Pat
     with shared_atomic_dir(path, dist, manifest=True, keep_previous=True) as tmp:
         dcp.save(engine.named_state(teacher), checkpoint_id=tmp / DCP_DIR)
         maybe_kill("checkpoint", trainer_state["step"])  # fault injection: a half-written checkpoint
+        shapes = engine.whole_shapes(teacher)
         if dist.is_main:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
             info = {"format": FORMAT, "model_from": str(Path(model_from).resolve()), "backend": backend,
-                    "processes": dist.world, "param_groups": groups,
-                    "names": engine.names}  # the optimizer's parameters in order (torch's index layout)
+                    "processes": dist.world, "param_groups": engine.param_groups(),
+                    "names": engine.names,  # the optimizer's parameters in order (torch's index layout)
+                    "shapes": shapes}
             (tmp / INFO).write_text(json.dumps(info, indent=2))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
@@ -113,17 +119,26 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 def load_model(path: Path, model: torch.nn.Module) -> None:
     """The checkpoint's weights into `model` (unsharded: whole tensors), in place."""
-    _load(path, {f"model/{k}": v for k, v in model.state_dict().items()})
+    if not read_info(path).get("shapes"):
+        _load(path, {f"model/{k}": v for k, v in model.state_dict().items()})
+        return
+    whole = read_whole(path, "model/")  # flat partitions (ZeRO-3): read whole, then reshaped
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k not in whole or whole[k].shape != v.shape:
+                raise CheckpointError(f"{path}: model/{k} is missing or not shaped as the model's {list(v.shape)}")
+            v.copy_(whole[k])
 
 
 def read_whole(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with `prefix`, whole, by the rest of its name (e.g.
-    `teacher/` -> {NAME: tensor}); in one process, or every rank (a collective)."""
+    """Every tensor whose name starts with `prefix`, whole and in its own shape, by the rest of its
+    name (e.g. `teacher/` -> {NAME: tensor}); in one process, or every rank (a collective)."""
     items = {k: md for k, md in _metadata(path).items() if k.startswith(prefix)}
     target = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in items.items()}
     if target:
         _load(path, target)
-    return {k[len(prefix):]: v for k, v in target.items()}
+    shapes = read_info(path).get("shapes", {})
+    return {k[len(prefix):]: v.view(shapes[k]) if k in shapes else v for k, v in target.items()}
 
 
 def load_state(path: Path, engine: Any, teacher: Any) -> dict[str, Any]:
@@ -141,7 +156,7 @@ def load_state(path: Path, engine: Any, teacher: Any) -> dict[str, Any]:
     if unknown:
         raise CheckpointError(f"{path}: optimizer state for parameters this run does not train: {unknown[:5]}")
     groups = [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()} for g in info["param_groups"]]
-    if engine.in_place_state:
+    if engine.in_place_state and not info.get("shapes"):  # (flat partitions are not this run's layout)
         engine.add_optimizer_state(saved)
         _load(path, engine.named_state(teacher, model=False))
         for group, saved_group in zip(engine.optimizer.param_groups, groups, strict=True):
