@@ -158,3 +158,25 @@ def test_a_sample_of_an_unknown_task_stops_the_run_in_one_line_before_writing(tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and not out.exists()
     assert f"row {mazes[4].id}: task: unknown task 'Geometry_Sketch'; known tasks: jigsaw, maze" in err
+
+
+def test_vt_options_trace_the_same_maps_another_way():
+    """`data.vt_options` gives the examples with a VT their own generator options on the same maps:
+    here the text-only traces follow the first shortest path and the VTs a random one (docs/miniature.md)."""
+    from visual_opsd.sft import _vt_variants, load_samples
+    from visual_opsd.tasks import get_task
+
+    cfg = load_config(SFTConfig, None, [*TINY, "data.n_train=60", "data.sizes=[4,5]", "data.options.path=first",
+                                        "data.vt_options.path=random"])
+    task = get_task("maze")
+    train = load_samples(cfg.data, task, "train", 4)
+    variants = _vt_variants(cfg.data, task, 4, train)
+    assert [s.id for s in variants] == [s.id for s in train]
+    assert all(a.metadata["grid"] == b.metadata["grid"] for a, b in zip(train, variants, strict=True))
+    differ = sum(a.answer != b.answer for a, b in zip(train, variants, strict=True))
+    assert 0 < differ < len(train)  # a random route is often, not always, another than the first one
+    assert all(task.is_correct(s, f"\\boxed{{{s.answer}}}") for s in variants)
+    plain = load_config(SFTConfig, None, [*TINY, "data.options.path=first"])
+    assert _vt_variants(plain.data, task, 4, train) is train  # unset: the same samples
+    with pytest.raises(ConfigError, match="vt_options"):
+        load_config(SFTConfig, None, [*TINY, "data.trace=text_only", "data.vt_options.path=random"])

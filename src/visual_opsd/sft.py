@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +114,11 @@ class DataConfig(TaskDataConfig):
         default=0.0,
         metadata={"help": "interleaved only: share of examples that are the plain text-only trace (text mode)"},
     )
+    vt_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "interleaved only: task generator options of the examples that carry a VT (interleaved, "
+                          "teacher context), on the same maps; null = data.options (docs/miniature.md)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +127,8 @@ class DataConfig(TaskDataConfig):
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.teacher_context_fraction + self.text_only_fraction > 1.0:
             raise ValueError("data.teacher_context_fraction + data.text_only_fraction must be <= 1")
+        if self.vt_options is not None and (self.trace != "interleaved" or self.path is not None):
+            raise ValueError("data.vt_options applies to generated data with data.trace=interleaved only")
 
 
 @dataclass
@@ -433,6 +440,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                           "sft_losses); fine-tune it with its own tools and start `train` from the result")
     patch = backend.cell_px
     train, val = load_train_val(cfg.data, task, patch)
+    vt_train = _vt_variants(cfg.data, task, patch, train)
     if cfg.data.trace in ("interleaved", "vt_caption") and not any(s.vt_images for s in train):
         raise ValueError(f"data.trace={cfg.data.trace} but no training sample has VT images")
     default_mode = {"interleaved": "interleaved", "text_only": "text", "vt_caption": "vt_caption"}
@@ -455,7 +463,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             lr = lr_at(step, cfg.optim)
             set_lr(opt, lr)
             idx = _draw_batch(buckets, weights, cfg.optim.batch_size, gen)
-            stats = _sft_step(backend, opt, [train[i] for i in idx], cfg, gen)
+            stats = _sft_step(backend, opt, [train[i] for i in idx], [vt_train[i] for i in idx], cfg, gen)
             record = {"step": step + 1, "lr": lr, **stats, "time/elapsed_s": time.perf_counter() - t0}
             if val and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.optim.steps):
                 record.update(_sft_validate(backend, task, val, modes, cfg))
@@ -476,13 +484,31 @@ def run_sft(cfg: SFTConfig) -> Path:
     return final
 
 
-def _sft_step(backend, opt: torch.optim.Optimizer, samples: list[Sample], cfg: SFTConfig,
-              gen: torch.Generator) -> dict[str, Any]:
-    """One optimizer step on one batch: an example per sample (its kind drawn by the data mixture),
-    loss = cross-entropy + flow_weight * flow MSE, clipped AdamW step; the step's metrics."""
+def _vt_variants(cfg: DataConfig, task: Task, patch_size: int, train: list[Sample]) -> list[Sample]:
+    """The training samples the examples with a VT are built from: `train` itself, or the same maps
+    generated with `data.vt_options` (e.g. the text-only traces follow the canonical shortest path
+    while the VTs the model learns to read show a random one; docs/miniature.md)."""
+    if cfg.vt_options is None:
+        return train
+    variants = load_samples(replace(cfg, options={**cfg.options, **cfg.vt_options}), task, "train", patch_size)
+    if [s.id for s in variants] != [s.id for s in train] or any(
+            a.metadata.get("grid") != b.metadata.get("grid") for a, b in zip(variants, train, strict=True)):
+        raise ValueError("data.vt_options changed which samples are generated; it may only change how a "
+                         "sample is traced (e.g. the maze's path), not the maps")
+    return variants
+
+
+def _sft_step(backend, opt: torch.optim.Optimizer, samples: list[Sample], vt_samples: list[Sample],
+              cfg: SFTConfig, gen: torch.Generator) -> dict[str, Any]:
+    """One optimizer step on one batch: an example per sample (its kind drawn by the data mixture;
+    the kinds with a VT from `vt_samples`, the same maps), loss = cross-entropy + flow_weight * flow
+    MSE, clipped AdamW step; the step's metrics."""
     backend.model.train()
-    examples = [backend.training_row(s, _example_kind(cfg.data, s, gen), gen, cfg.optim.flow_copies,
-                                     cfg.optim.flow_edit_weight) for s in samples]
+    examples = []
+    for s, vt_s in zip(samples, vt_samples, strict=True):
+        kind = _example_kind(cfg.data, s, gen)
+        examples.append(backend.training_row(vt_s if kind in ("interleaved", "teacher_context") else s, kind, gen,
+                                             cfg.optim.flow_copies, cfg.optim.flow_edit_weight))
     losses = backend.sft_losses(examples)
     ce = losses["ce_sum"] / losses["n_text"].clamp(min=1)
     flow = losses["flow_sum"] / losses["flow_weight"].clamp(min=1)
