@@ -171,3 +171,25 @@ def test_hparams_are_flat_values_every_tracker_takes():
     assert json.loads(flat["data.sizes"]) == [3, 6]
     assert tracking.scalars({"step": 3, "loss": 0.5, "tokens": 7, "samples": ["a"], "skipped": "x"}) == {
         "loss": 0.5, "tokens": 7}
+
+
+def test_mlflow_metric_names_never_collide_as_file_paths():
+    """MLflow's file store keeps each metric as a file named by its path: `loss` and `loss/ce` cannot
+    both exist (with mlflow 3.18 the run died at its first step). The MLflow tracker gets "." for "/";
+    everything else reaches accelerate's tracker unchanged."""
+
+    class Recorder:
+        main_process_only = True
+
+        def __init__(self):
+            self.rows = []
+
+        def log(self, values, step=None, **kwargs):
+            self.rows.append((step, values, kwargs))
+
+    inner = Recorder()
+    tracker = tracking.MLflowKeys(inner)
+    tracker.main_process_only = False  # as open_trackers sets it: on the wrapped tracker
+    tracker.log({"loss": 0.5, "loss/ce": 0.4, "val/accuracy/maze": 1.0}, step=3)
+    assert inner.rows == [(3, {"loss": 0.5, "loss.ce": 0.4, "val.accuracy.maze": 1.0}, {})]
+    assert inner.main_process_only is False and tracker.main_process_only is False

@@ -174,9 +174,33 @@ def _make_tracker(name: str, out: Path, resume_step: int | None) -> Any:
         import mlflow
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # else the server or store the user set up
+            # a folder beside the run's other outputs; MLflow 3 refuses its file store unless asked
+            # for it (it would rather have a database, which mlflow-skinny cannot open)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
-        return tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT), run_name=run)
+        return MLflowKeys(tracking.MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT), run_name=run))
     raise ConfigError(f"report_to: unknown tracker {name!r}")
+
+
+class MLflowKeys:
+    """An MLflow tracker whose metric names have "." for "/" (`loss/ce` -> `loss.ce`): MLflow's file
+    store keeps a metric as a file named by its path, so `loss` and `loss/ce` cannot both exist (the
+    run stopped at its first step). Everything else goes to the wrapped tracker as it is."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self.tracker.log({k.replace("/", "."): v for k, v in values.items()}, step=step, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "tracker":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.tracker, name, value)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float | int]:
