@@ -1,9 +1,9 @@
-"""Peak host memory of writing `last/` from a sharded run (FSDP2 or DeepSpeed ZeRO-3): gathered to
-rank 0 (before) vs sharded (DCP).
+"""Peak host memory of writing `last/` from a sharded run (FSDP2, DeepSpeed ZeRO-2 or ZeRO-3):
+gathered to rank 0 (before) vs sharded (DCP).
 
-Both ways save the same state: a mini model of P parameters (fp32) sharded by `--engine` (FSDP2, or
-ZeRO-3's flat partitions), its AdamW state (after one step) and its EMA teacher's shadow, on 2 gloo
-CPU processes:
+Both ways save the same state: a mini model of P parameters (fp32) sharded by `--engine` (FSDP2;
+ZeRO-2: AdamW's state partitioned; ZeRO-3: everything, in flat partitions), its AdamW state (after
+one step) and its EMA teacher's shadow, on 2 gloo CPU processes:
 - `gather`: what sharded runs did before sharded checkpoints, and what unsharded runs still do:
   `engine.whole_weights()` + `engine.train_state()` make whole tensors of the weights, the AdamW
   moments and the shadow, and rank 0 writes them (`train.save_train_state`);
@@ -18,7 +18,7 @@ too: its increase during the save is a lower bound, zero when the save stayed be
 (building the whole model before sharding it).
 
     python benchmarks/checkpoint_save_memory.py                        # P = 96.5 M (368 MiB fp32), ~1 min
-    python benchmarks/checkpoint_save_memory.py --engine zero3         # the same under DeepSpeed ZeRO-3
+    python benchmarks/checkpoint_save_memory.py --engine zero3         # the same under DeepSpeed ZeRO-3 (or zero2)
     python benchmarks/checkpoint_save_memory.py --d-model 256 --layers 2   # smoke test
 """
 
@@ -105,8 +105,8 @@ def worker(method: str, out: Path, d_model: int, layers: int, engine_kind: str) 
     model_dir = out / "init"
     if dist.is_main and method == "dcp":
         backend.save(model_dir)  # the folder a sharded checkpoint records as the run's init_from (unsharded)
-    if engine_kind == "zero3":
-        engine = ZeroEngine(dist, backend.model, TrainOptimConfig(), 3, micro_batch=1)
+    if engine_kind.startswith("zero"):
+        engine = ZeroEngine(dist, backend.model, TrainOptimConfig(), int(engine_kind[-1]), micro_batch=1)
     else:
         engine = TorchEngine(dist, backend.model, TrainOptimConfig(), sharded=True)
     teacher = Teacher(backend.model, "ema", 0.5, layout=engine.layout)
@@ -124,7 +124,8 @@ def worker(method: str, out: Path, d_model: int, layers: int, engine_kind: str) 
     with PeakRSS() as peak:
         if method == "gather":  # train.save_last before sharded checkpoints
             with engine.whole_weights() as weights:
-                whole = engine.train_state(teacher, dist.is_main)
+                whole = (_zero_train_state if engine_kind.startswith("zero") else type(engine).train_state)(
+                    engine, teacher, dist.is_main)
                 if whole is not None:
                     save_train_state(out / "last", backend, weights, whole, state)
         else:
@@ -140,12 +141,28 @@ def worker(method: str, out: Path, d_model: int, layers: int, engine_kind: str) 
     dist.close()
 
 
+def _zero_train_state(engine, teacher, is_main: bool) -> dict | None:
+    """What ZeRO runs saved before sharded checkpoints: AdamW's state gathered from DeepSpeed's
+    partitions into whole tensors on every rank (`safe_get_full_optimizer_state`, a collective), the
+    teacher's whole shadow; rank 0 writes them."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    step = engine._adam_step()
+    state = {i: {"step": step.detach().clone().cpu(),
+                 **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ("exp_avg", "exp_avg_sq")}}
+             for i, p in enumerate(engine.params)}
+    shadow = teacher.state_dict()
+    if not is_main:
+        return None
+    return {"optimizer": {"state": state, "param_groups": engine.param_groups()}, "teacher": shadow}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--engine", choices=["fsdp", "zero3"], default="fsdp",
-                        help="how the run shards the model: FSDP2 or DeepSpeed ZeRO-3 (default fsdp)")
+    parser.add_argument("--engine", choices=["fsdp", "zero2", "zero3"], default="fsdp",
+                        help="how the run shards the model: FSDP2 or DeepSpeed ZeRO-2/3 (default fsdp)")
     parser.add_argument("--worker", choices=["gather", "dcp"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,7 +177,7 @@ def main() -> None:
     n = results["gather"][0]["params"]
     print(f"\nmini model: d_model {args.d_model}, {args.layers} layers, P = {n / 1e6:.1f} M parameters; fp32 weights "
           f"{4 * n / MIB:.0f} MiB; last/ holds weights + AdamW (2x) + EMA shadow = {16 * n / MIB:.0f} MiB; "
-          f"{'FSDP2' if args.engine == 'fsdp' else 'DeepSpeed ZeRO-3'} over 2 gloo processes\n")
+          f"{'FSDP2' if args.engine == 'fsdp' else 'DeepSpeed ZeRO-' + args.engine[-1]} over 2 gloo processes\n")
     print("| save | rank | RSS before (MiB) | peak during the save (MiB) | increase (MiB) | ru_maxrss increase (MiB) "
           "| wall s | written (MiB) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -67,3 +67,5 @@ def test_a_partition_view_is_handed_to_dcp_without_a_copy(dtype):
     assert float(flat[10]) == -1
     whole = torch.ones(4, dtype=dtype)
     assert _own_storage(whole) is whole
+    strided = flat.view(10, 10)[:, 0]  # not contiguous: left to DCP as it is
+    assert _own_storage(strided) is strided

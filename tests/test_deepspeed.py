@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from visual_opsd import sharded_checkpoint
 from visual_opsd.backends.hf import HFBackend
 from visual_opsd.config import load_config
+from visual_opsd.engines import FRAGMENT
 from visual_opsd.faults import DUMP_ENV, ENV
 from visual_opsd.train import TrainConfig, run_train
 
@@ -74,21 +75,29 @@ def test_zero_two_processes_match_one_process(tiny_model, single, tmp_path, stag
         assert b["tokens"] == a["tokens"] == sum(b["tokens/per_rank"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
-    # ZeRO-3 writes each rank's partitions (nothing gathered), ZeRO-1/2 whole tensors from rank 0
-    assert sharded_checkpoint.is_sharded(out / "last") == (stage == 3)
+    # every rank writes what it holds (ZeRO-3: its partitions; ZeRO-1/2: its pieces of AdamW's state)
+    last = out / "last"
+    assert sharded_checkpoint.is_sharded(last) and not (last / "optimizer.pt").exists()
+    assert sorted(p.name for p in (last / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    if stage < 3:  # a moment split inside a parameter between the ranks, joined again on reading
+        pieces = [k for k in sharded_checkpoint._metadata(last) if FRAGMENT in k]
+        assert pieces and any(not k.endswith(f"{FRAGMENT}0") for k in pieces)
     written = sorted(p.name for p in out.iterdir())  # rank 0 alone wrote
     assert written == ["best", "config.json", "grads", "last", "last.prev", "metrics.jsonl"]
 
 
 def test_zero_checkpoints_resume_on_another_engine(tiny_model, single, tmp_path):
-    """Step 1 under ZeRO-3 on 2 processes (each rank's partitions), step 2 in one plain process (whole
-    tensors in torch's layout), step 3 under ZeRO-2 on 2 processes: the weights, teacher and optimizer
-    state of one uninterrupted process (DeepSpeed's optimizer state is loaded into its partitions)."""
+    """Step 1 under ZeRO-3 on 2 processes (each rank's partitions), step 2 under ZeRO-2 on 2 processes
+    (the weights once, each rank its pieces of AdamW's state), step 3 in one plain process (the pieces
+    joined into whole tensors in torch's layout): the weights, teacher and optimizer state of one
+    uninterrupted process (DeepSpeed's optimizer state is loaded into its partitions)."""
     out = tmp_path / "mixed"
     launch(2, dist_overrides(tiny_model, out, deepspeed_stage=3, stop_at_step=1))
-    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last", stop_at_step=2)))
+    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last", stop_at_step=2))
+    assert sharded_checkpoint.is_sharded(out / "last")
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 2
-    launch(2, dist_overrides(tiny_model, out, deepspeed_stage=2, resume=out / "last"))
+    run_train(load_config(TrainConfig, None, dist_overrides(tiny_model, out, resume=out / "last")))
+    assert not sharded_checkpoint.is_sharded(out / "last")  # one plain process writes whole tensors
     assert max_diff(weights(single / "last"), weights(out / "last")) < 1e-6
     assert_optimizer_matches(single, out)
     assert [r["step"] for r in step_rows(out)] == list(range(1, DIST_STEPS + 1))

@@ -17,8 +17,8 @@ The loop's contract with an engine is the `Engine` protocol, per step: `begin_st
 `layout.gather()` before rollouts, `zero_grad()`, `backward(loss, last)` per micro-batch,
 `step(loss_finite)` -> (gradient norm, applied); for checkpoints `train_state(teacher)` (whole
 tensors in torch's layout, a collective) and `load_optimizer(state)`, or, where
-`sharded_checkpoints` (FSDP2), `named_state(teacher)`: this rank's shards by name, which
-`sharded_checkpoint.py` writes and loads in place. `make_engine` picks the engine for a run (and
+`sharded_checkpoints` (FSDP2, ZeRO), `named_state(teacher)`: this rank's shards by name, which
+`sharded_checkpoint.py` writes (and, FSDP2, loads in place). `make_engine` picks the engine for a run (and
 wraps it in the fault injector of `faults.py` only when a test asks for faults). Either kind of
 checkpoint resumes on any engine and any number of processes.
 
@@ -44,6 +44,8 @@ from visual_opsd.distributed import Dist, full_state_dict, full_tensor, like_par
 from visual_opsd.optim import adamw, set_lr
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
+# a sharded checkpoint's key for a piece of a tensor that starts at element N: `<name>#N` (ZeRO-1/2)
+FRAGMENT = "#"
 
 
 class Replicated:
@@ -135,10 +137,11 @@ class Zero3Layout(Replicated):
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
     """Contiguous CPU tensor `t` as a tensor on the same memory whose storage is exactly its bytes.
-    DeepSpeed's partitions are views into flat buffers; DCP's file writer clones every tensor whose
-    storage is larger than itself and keeps each clone until the rank's file is written, which for
-    ZeRO-3 would copy the rank's whole state during a save (measured: 563 MiB per rank of 736)."""
-    if t.device.type != "cpu" or t.untyped_storage().nbytes() == t.nbytes:
+    DeepSpeed's partitions, and ZeRO-1/2's weights, are views into flat buffers; DCP's file writer
+    clones every tensor whose storage is larger than itself and keeps each clone until the rank's
+    file is written, which copied the rank's share of the checkpoint during a save (measured: ZeRO-3
+    563 MiB per rank of 736, ZeRO-2 192). Anything else comes back as it is."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() == t.nbytes:
         return t
     return torch.from_numpy(t.view(torch.uint8).numpy()).view(t.dtype)
 
@@ -382,27 +385,11 @@ class ZeroEngine(TorchEngine):
         states = [st for st in self.optimizer.optimizer.state.values() if "step" in st]
         return states[0]["step"] if states else None
 
-    def train_state(self, teacher: Any, is_main: bool) -> dict[str, Any] | None:
-        """AdamW state gathered from DeepSpeed's partitions (collectives on every rank) in torch's
-        layout, and the teacher's; on rank 0 (None elsewhere)."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        step = self._adam_step()
-        if step is not None:
-            for i, p in enumerate(self.params):
-                state[i] = {"step": step.detach().clone().cpu(),
-                            **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in ADAM_STATE}}
-        groups = [{**g, "lr": self.optimizer.param_groups[0]["lr"]} for g in self.groups]
-        shadow = teacher.state_dict()
-        if not is_main:
-            return None
-        return {"optimizer": {"state": state, "param_groups": groups}, "teacher": shadow}
-
     @property
     def sharded_checkpoints(self) -> bool:
-        """ZeRO-3 writes each rank's partitions; ZeRO-1/2 hold whole weights and write whole tensors."""
-        return self.stage == 3
+        """Every rank writes what it holds: ZeRO-3 its partitions, ZeRO-1/2 its fragments of AdamW's
+        state (the whole weights and shadow, the same on every rank, are written once)."""
+        return True
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.optimizer.param_groups[0]["lr"]  # DeepSpeed's groups are its flat partitions
@@ -440,22 +427,46 @@ class ZeroEngine(TorchEngine):
         out.update({f"teacher/{name}": (t, params[name]) for name, t in teacher.shadow.items()})
         return out
 
+    def _fragments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """ZeRO-1/2: the pieces of AdamW's moments this rank holds, `optim/NAME/KEY#START` ->
+        (the piece, its parameter). DeepSpeed partitions the flat fp32 groups evenly over the ranks, so
+        a parameter's moments may be split between ranks at any element: a piece is the elements
+        [START, START + n) of the flattened moment, a view into DeepSpeed's flat buffer."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self._adam_step() is None:
+            return out
+        for name, p in zip(self.names, self.params, strict=True):
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # no element of this parameter lies in this rank's partition
+                continue
+            start = mapping.lp_fragment_address.start
+            out.update({f"optim/{name}/{key}{FRAGMENT}{start}": (mapping.get_hp_fragment(key), p)
+                        for key in ADAM_STATE})
+        return out
+
     def named_state(self, teacher: Any, model: bool = True) -> dict[str, torch.Tensor]:
-        """ZeRO-3 (what a sharded checkpoint writes): the partitioned tensors as flat DTensors
-        (`_flat`), buffers and AdamW's `step` whole (DCP writes a replicated tensor once)."""
-        if self.stage != 3:
-            return super().named_state(teacher, model)
-        state = {f"model/{k}": v for k, v in self.model.state_dict().items()} if model else {}
-        state.update({key: self._flat(local, p) for key, (local, p) in self._partitioned(teacher, model).items()})
+        """What a sharded checkpoint writes. ZeRO-3: the partitioned tensors as flat DTensors
+        (`_flat`), buffers whole. ZeRO-1/2: the weights and the shadow whole (the same on every rank:
+        DCP writes a replicated tensor once), AdamW's moments as this rank's pieces (`_fragments`).
+        AdamW's `step` whole."""
+        state = {f"model/{k}": _own_storage(v) for k, v in self.model.state_dict().items()} if model else {}
+        if self.stage == 3:
+            state.update({key: self._flat(local, p) for key, (local, p) in self._partitioned(teacher, model).items()})
+        else:
+            state.update({f"teacher/{k}": v for k, v in teacher.shadow.items()})
+            state.update({key: _own_storage(piece.reshape(-1)) for key, (piece, _) in self._fragments().items()})
         step = self._adam_step()
         if step is not None:
             state.update({f"optim/{name}/step": step.detach().clone().cpu() for name in self.names})
         return state
 
     def whole_shapes(self, teacher: Any) -> dict[str, list[int]]:
-        if self.stage != 3:
+        if self.stage == 3:
+            return {key: list(p.ds_shape) for key, (_, p) in self._partitioned(teacher, True).items()}
+        if self._adam_step() is None:
             return {}
-        return {key: list(p.ds_shape) for key, (_, p) in self._partitioned(teacher, True).items()}
+        return {f"optim/{name}/{key}": list(p.shape) for name, p in zip(self.names, self.params, strict=True)
+                for key in ADAM_STATE}
 
     @contextlib.contextmanager
     def whole_weights(self) -> Iterator[dict[str, torch.Tensor] | None]:

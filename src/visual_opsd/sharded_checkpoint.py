@@ -1,19 +1,21 @@
 """Sharded checkpoints of sharded runs: every process writes its own shards of `last/` with DCP.
 
 Under FSDP2 and DeepSpeed ZeRO-3 a process holds 1/N of the weights, of AdamW's state and of the
-EMA teacher's shadow. A whole-tensor checkpoint gathers all of it through one process
-(ThinkMorph-7B: 14.6 B parameters, ~58 GB of fp32 weights alone, plus twice that of AdamW state).
-Instead every rank writes the shards it holds with `torch.distributed.checkpoint` (DCP); nothing
-is gathered. FSDP2's shards are DTensors of the whole tensors; ZeRO-3's partitions are flat slices,
-written as 1-D DTensors of the flattened tensors with their whole shapes in `sharded.json`
-(`shapes`), and reshaped whenever they are read whole.
+EMA teacher's shadow; under ZeRO-1/2, 1/N of AdamW's state. A whole-tensor checkpoint gathers all of
+it through one process (ThinkMorph-7B: 14.6 B parameters, ~58 GB of fp32 weights alone, plus twice
+that of AdamW state). Instead every rank writes what it holds with `torch.distributed.checkpoint`
+(DCP); nothing is gathered. FSDP2's shards are DTensors of the whole tensors; ZeRO-3's partitions
+are flat slices, written as 1-D DTensors of the flattened tensors; ZeRO-1/2's pieces of AdamW's
+state are written as `NAME#START` (the piece's first element in the flattened tensor). Reading a
+tensor whole joins its pieces and reshapes it to its whole shape, which `sharded.json` records
+(`shapes`) for every tensor stored flat (`_assemble`).
 
     last/
       dcp/                 DCP's files: one `__<rank>_0.distcp` per rank, and `.metadata` (every
                            tensor's whole shape and where its pieces lie)
       sharded.json         the format, the model folder the run started from (`model_from`) and its
                            backend options, the optimizer's param groups and parameter names, and
-                           the whole shapes of the tensors stored flat (ZeRO-3)
+                           the whole shapes of the tensors stored flat (ZeRO)
       trainer_state.json   step, best, ... (as in every checkpoint)
       manifest.json        size + SHA-256 of every file, every rank's included
 
@@ -30,7 +32,7 @@ run's `init_from` (architecture, config, tokenizer) and its weights replaced by 
 then the optimizer state and the teacher's shadow (`load_state`): in place, so under FSDP2 each rank
 reads only the pieces of its own shards whatever the process count that wrote them (DCP reshards
 on load) and one plain process reads whole tensors; DeepSpeed ZeRO gets whole tensors through its
-engine's loader, and so does any engine resuming a ZeRO-3 (flat) checkpoint. The unsharded
+engine's loader, and so does any engine resuming a ZeRO (flat) checkpoint. The unsharded
 checkpoint layout (`train.save_train_state`) is unchanged.
 
 Export (`visual-opsd export CHECKPOINT --out DIR`, `export`): the student's weights in the model
@@ -41,6 +43,7 @@ diagnose and train open; in one process, without a process group.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -49,6 +52,7 @@ from typing import Any
 import torch
 
 from visual_opsd.checkpoint import atomic_dir, resolve_checkpoint, shared_atomic_dir
+from visual_opsd.engines import FRAGMENT
 from visual_opsd.errors import CheckpointError, ConfigError
 from visual_opsd.faults import maybe_kill
 
@@ -137,8 +141,34 @@ def read_whole(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     target = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in items.items()}
     if target:
         _load(path, target)
+    return {k[len(prefix):]: v for k, v in _assemble(path, target).items()}
+
+
+def _assemble(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors in their shapes: pieces `NAME#START` (ZeRO-1/2's AdamW fragments) joined in
+    order into NAME, and every tensor stored flat reshaped to its whole shape (`shapes`)."""
     shapes = read_info(path).get("shapes", {})
-    return {k[len(prefix):]: v.view(shapes[k]) if k in shapes else v for k, v in target.items()}
+    out, pieces = {}, {}
+    for key, value in tensors.items():
+        base, sep, start = key.partition(FRAGMENT)
+        if sep:
+            pieces.setdefault(base, []).append((int(start), value.reshape(-1)))
+        else:
+            out[key] = value
+    for base, parts in pieces.items():
+        parts.sort(key=lambda part: part[0])
+        starts = [start for start, _ in parts]
+        ends = [start + v.numel() for start, v in parts]
+        if starts[0] != 0 or starts[1:] != ends[:-1]:
+            raise CheckpointError(f"{path}: the pieces of {base} do not join up (starts {starts}, ends {ends})")
+        out[base] = torch.cat([v for _, v in parts])
+    for key, shape in shapes.items():
+        if key in out:
+            if out[key].numel() != math.prod(shape):
+                raise CheckpointError(f"{path}: {key} has {out[key].numel()} elements, its shape {shape} needs "
+                                      f"{math.prod(shape)}")
+            out[key] = out[key].view(shape)
+    return out
 
 
 def load_state(path: Path, engine: Any, teacher: Any) -> dict[str, Any]:
@@ -150,7 +180,7 @@ def load_state(path: Path, engine: Any, teacher: Any) -> dict[str, Any]:
     saved: dict[str, dict[str, tuple[list[int], torch.dtype]]] = {}  # name -> key -> (shape, dtype)
     for key, md in _metadata(path).items():
         if key.startswith("optim/"):
-            name, _, item = key[len("optim/"):].rpartition("/")
+            name, _, item = key[len("optim/"):].partition(FRAGMENT)[0].rpartition("/")
             saved.setdefault(name, {})[item] = (list(md.size), md.properties.dtype)
     unknown = sorted(set(saved) - set(engine.names))
     if unknown:

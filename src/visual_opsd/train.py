@@ -32,8 +32,8 @@ Scale-out: the same command runs under `accelerate launch` with N processes (`di
 each rank rolls out its shard of the step's prompts, the loss is normalised by the completion
 (or token) count of the whole step over all ranks and the gradients are summed, so the update does
 not depend on N or on `grad_accum`; rank 0 writes metrics and checkpoints (resumable on any N).
-FSDP2 and DeepSpeed ZeRO-1/2/3 hold the weights sharded (`engines.py`); under FSDP2 and ZeRO-3
-every rank writes its own shards of `last/` (`sharded_checkpoint.py`; `visual-opsd export` turns them into a
+FSDP2 and DeepSpeed ZeRO-1/2/3 hold the weights sharded (`engines.py`); under FSDP2 and ZeRO every
+rank writes its own shards of `last/` (`sharded_checkpoint.py`; `visual-opsd export` turns them into a
 model folder); docs/scale.md.
 
 Reliability (docs/failure-modes.md): checkpoints are atomic with a checksum manifest (a corrupt
@@ -619,8 +619,8 @@ def skip_step(run: Run, done: int, record: dict[str, Any], ids: list[str], loss:
 
 def save_last(run: Run) -> None:
     """`last/`: weights, optimizer, teacher and state, for an exact resume (every rank takes part).
-    FSDP2 and ZeRO-3: every rank writes its own shards (`sharded_checkpoint.py`), nothing is
-    gathered; else whole tensors (ZeRO-1/2: the optimizer state gathered), written by rank 0."""
+    FSDP2 and DeepSpeed ZeRO: every rank writes its own shards (`sharded_checkpoint.py`), nothing is
+    gathered; else (one process, data parallel) whole tensors, written by rank 0."""
     if run.engine.sharded_checkpoints:
         backend = dataclasses.asdict(run.cfg.backend) if run.cfg.backend is not None else None
         sharded_checkpoint.save(run.out / "last", run.engine, run.teacher, run.dist,
