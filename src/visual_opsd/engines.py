@@ -314,11 +314,11 @@ class TorchEngine:
 
 
 class ZeroEngine(TorchEngine):
-    """DeepSpeed ZeRO-`stage` over the process group accelerate (or torchrun) set up. ZeRO-3 writes
-    `last/` as every rank's partitions (`named_state`, `sharded_checkpoint.py`); ZeRO-1/2, whose
-    weights are whole on every rank, write whole tensors (the optimizer state gathered from the
-    partitions). Any checkpoint's optimizer and teacher state is loaded as whole tensors
-    (`in_place_state` False) through DeepSpeed's own setters."""
+    """DeepSpeed ZeRO-`stage` over the process group accelerate (or torchrun) set up. Every rank
+    writes what it holds of `last/` (`named_state`, `sharded_checkpoint.py`): ZeRO-3 its partitions,
+    ZeRO-1/2 its pieces of AdamW's state (their weights, whole on every rank, are written once). Any
+    checkpoint's optimizer and teacher state is loaded as whole tensors (`in_place_state` False)
+    through DeepSpeed's own setters."""
 
     in_place_state = False
 
