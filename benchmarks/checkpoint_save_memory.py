@@ -124,8 +124,10 @@ def worker(method: str, out: Path, d_model: int, layers: int, engine_kind: str) 
     with PeakRSS() as peak:
         if method == "gather":  # train.save_last before sharded checkpoints
             with engine.whole_weights() as weights:
-                whole = (_zero_train_state if engine_kind.startswith("zero") else type(engine).train_state)(
-                    engine, teacher, dist.is_main)
+                if engine_kind.startswith("zero"):
+                    whole = _zero_train_state(engine, teacher, dist.is_main)
+                else:
+                    whole = engine.train_state(teacher, dist.is_main)
                 if whole is not None:
                     save_train_state(out / "last", backend, weights, whole, state)
         else:

@@ -69,3 +69,23 @@ def test_a_partition_view_is_handed_to_dcp_without_a_copy(dtype):
     assert _own_storage(whole) is whole
     strided = flat.view(10, 10)[:, 0]  # not contiguous: left to DCP as it is
     assert _own_storage(strided) is strided
+
+
+def test_pieces_of_a_sharded_checkpoint_join_or_name_what_is_wrong(tmp_path):
+    """ZeRO-1/2's pieces `NAME#START` join in order into NAME and take the whole shape `sharded.json`
+    records; a gap between pieces or a wrong element count is a CheckpointError naming the tensor."""
+    import json
+
+    from visual_opsd import sharded_checkpoint
+    from visual_opsd.errors import CheckpointError
+
+    (tmp_path / sharded_checkpoint.INFO).write_text(json.dumps(
+        {"format": sharded_checkpoint.FORMAT, "shapes": {"optim/w/exp_avg": [2, 3]}}))
+    whole = torch.arange(6.0)
+    pieces = {"optim/w/exp_avg#4": whole[4:], "optim/w/exp_avg#0": whole[:4], "optim/w/step": torch.tensor(2.0)}
+    out = sharded_checkpoint._assemble(tmp_path, pieces)
+    assert torch.equal(out["optim/w/exp_avg"], whole.view(2, 3)) and float(out["optim/w/step"]) == 2.0
+    with pytest.raises(CheckpointError, match="pieces of optim/w/exp_avg do not join up"):
+        sharded_checkpoint._assemble(tmp_path, {"optim/w/exp_avg#0": whole[:3], "optim/w/exp_avg#4": whole[4:]})
+    with pytest.raises(CheckpointError, match="optim/w/exp_avg has 5 elements"):
+        sharded_checkpoint._assemble(tmp_path, {"optim/w/exp_avg#0": whole[:5]})
