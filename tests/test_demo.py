@@ -29,6 +29,9 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     assert premise["k_pre"] == report["kl"]["closure"]["k_pre"]
     names = [t["name"] for t in report["targets"]]
     assert len(names) == 7 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert set(report["decomposition"]) == {"start_vs_text_sft", "opsd_vs_start", "noise_vs_start",
+                                            "headroom_vs_text_sft"}
+    assert "## Where Visual-OPSD - text-only SFT comes from" in (out / "report.md").read_text()
     assert "## The premise" in (out / "report.md").read_text() and "## Targets" in (out / "report.md").read_text()
     for system in report["systems"].values():
         assert {"accuracy", "latency_s", "tokens", "tasks"} <= set(system)
@@ -114,3 +117,26 @@ def test_stage_graph_runs_each_stage_after_what_it_needs_and_reports_failures(tm
         _run_graph([("x", (fail_stage, ()), ()), ("y", (write_after, (str(tmp_path / "y"),)), ("x",))],
                    done, record, t_start=0.0)
     assert not (tmp_path / "y").exists()
+
+
+def test_decomposition_splits_the_headline_into_start_and_distillation():
+    """Visual-OPSD - text SFT = (start - text SFT) + (Visual-OPSD - start); the headroom is the
+    privileged context against text SFT; report.md shows the parts with their signs."""
+    from visual_opsd.demo import decomposition_of
+    from visual_opsd.report import decomposition_section
+
+    def system(acc):
+        return {"tasks": {"maze": {"accuracy": acc}}}
+
+    systems = {"teacher_text_only": system(74.0), "text_sft": system(78.0), "opsd": system(77.0),
+               "opsd_noise": system(73.5)}
+    parts = decomposition_of(systems, {"teacher_context": {"accuracy": 85.0}})
+    assert parts == {"start_vs_text_sft": -4.0, "opsd_vs_start": 3.0, "noise_vs_start": -0.5,
+                     "headroom_vs_text_sft": 7.0}
+    assert parts["start_vs_text_sft"] + parts["opsd_vs_start"] == 77.0 - 78.0
+    md = "\n".join(decomposition_section(parts))
+    assert "| Visual-OPSD - its start (what distillation added) | +3.0 |" in md and "| -4.0 |" in md
+    assert "headroom (+7.0 pp) is below the +10 pp target" in md
+    assert "below the +10" not in "\n".join(decomposition_section({**parts, "headroom_vs_text_sft": 12.0}))
+    # without the systems it splits, nothing is claimed
+    assert decomposition_of({"opsd": system(77.0)}, {}) == {} and decomposition_section({}) == []

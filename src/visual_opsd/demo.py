@@ -338,8 +338,9 @@ def _write_report(out: Path, configs: dict, timing: dict[str, float]) -> Path:
     diagnostics = report_fields(_load_json(out / "diagnose" / "results.json"))
     premise = premise_of(results, diagnostics["kl"])
     report = {"systems": systems, "premise": premise, "targets": targets_of(systems, premise, diagnostics["kl"]),
-              "kl": diagnostics["kl"], "interventions": diagnostics["interventions"],
-              "timing_s": timing, "configs": {k: to_dict(v) for k, v in configs.items()}}
+              "decomposition": decomposition_of(systems, premise), "kl": diagnostics["kl"],
+              "interventions": diagnostics["interventions"], "timing_s": timing,
+              "configs": {k: to_dict(v) for k, v in configs.items()}}
     runs = {name: out / name / "metrics.jsonl" for name in configs if name not in ("diagnose", "pretrain")}
     notes = ["Accuracies: strict VSP scorer on held-out test mazes; 95% Wilson intervals; greedy decoding.",
              "Latency: batch size 1 after warm-up, whole pipeline per sample, one CPU thread.",
@@ -391,6 +392,25 @@ def targets_of(systems: dict, premise: dict, kl: dict) -> list[dict]:
     if "opsd_noise" in closure:
         add("KL closure on identical tokens, noise control (%)", 100 * closure["opsd_noise"], "<= 10",
             closure["opsd_noise"] <= 0.1)
+    return out
+
+
+def decomposition_of(systems: dict, premise: dict) -> dict:
+    """Visual-OPSD - text-only SFT split into what the base model brings and what distillation adds
+    (report.json's `decomposition`, pp): `start_vs_text_sft` (the base model's text-only mode, the
+    student's start, against the baseline), `opsd_vs_start` and `noise_vs_start` (the two runs' own
+    gains), and `headroom_vs_text_sft` (the privileged context, what a student that matched its
+    teacher would score, against the baseline): the headline can exceed the headroom only if the
+    student outdoes its teacher."""
+    acc = {name: s["tasks"]["maze"]["accuracy"] for name, s in systems.items() if "maze" in s["tasks"]}
+    if not {"opsd", "text_sft", "teacher_text_only"} <= acc.keys():
+        return {}
+    start = acc["teacher_text_only"]
+    out = {"start_vs_text_sft": start - acc["text_sft"], "opsd_vs_start": acc["opsd"] - start}
+    if "opsd_noise" in acc:
+        out["noise_vs_start"] = acc["opsd_noise"] - start
+    if "teacher_context" in premise:
+        out["headroom_vs_text_sft"] = premise["teacher_context"]["accuracy"] - acc["text_sft"]
     return out
 
 
