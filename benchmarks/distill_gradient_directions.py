@@ -4,16 +4,18 @@ text-only SFT gradient of the same model on the data's text traces.
 
     PYTHONPATH=src python benchmarks/distill_gradient_directions.py --init demo_out/sft_teacher/final
 
-Each of `--batches` K steps draws its own prompts and on-policy samples (as `visual-opsd train` does,
-configs/train_demo.yaml); the three teacher contexts score the very same samples, so their
-differences are paired. Printed per kind:
+Each of `--batches` K steps draws its own prompts and on-policy samples as `visual-opsd train` does
+with `--config` (default configs/train_demo.yaml; a run's config.json works too). The three teacher
+contexts score the very same samples, so their differences are paired. Printed per kind:
 - |E g|: the norm of the expected gradient (unbiased: |mean|^2 minus the noise's share of it);
 - SNR: |E g|^2 over the per-step noise power E|g - E g|^2 (below 1: one step is mostly noise);
 - cosines between expected gradients, from independent halves of the K batches and divided by each
   side's own split-half agreement, so that estimation noise does not read as disagreement.
 "content" is g(data VTs) - g(shuffled VTs): what the VTs' content, not the image slot, asks for.
 A negative cosine with the SFT gradient means the distillation step raises the text traces'
-cross-entropy. About 6 minutes for K = 32 on 2 cores. Results: docs/miniature.md.
+cross-entropy. About 6 minutes for K = 32 on 2 cores at the demo's scale, 30 on one core at
+`--preset full`'s.
+Results: docs/miniature.md.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 import torch
 
 from visual_opsd.config import load_config
-from visual_opsd.sft import open_model
+from visual_opsd.sft import load_samples, open_model
+from visual_opsd.tasks import get_task
 from visual_opsd.train import (
     TrainConfig,
     batch_indices,
@@ -69,9 +72,6 @@ def sft_gradients(config: Path, init: str, k: int, batch_size: int) -> torch.Ten
     cfg = load_config(TrainConfig, config, ["data.n_val=0"])
     backend = open_model("init", init)
     backend.disable_dropout()
-    from visual_opsd.sft import load_samples
-    from visual_opsd.tasks import get_task
-
     train = load_samples(cfg.data, get_task(cfg.data.task), "train", backend.cell_px)
     params = [p for p in backend.model.parameters() if p.requires_grad]
     backend.model.train()
