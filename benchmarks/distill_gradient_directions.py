@@ -46,24 +46,24 @@ def flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
-def distill_gradients(config: Path, init: str, vt_mode: str, k: int, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, P) gradients of K distillation steps' losses at `init` (no optimizer step between them),
-    and the per-step losses; prompts and samples depend on the step only, not on `vt_mode`."""
+def distill_gradients(config: Path, init: str, vt_mode: str, k: int, out: Path) -> torch.Tensor:
+    """(K, P) gradients of K distillation steps' losses at `init` (no optimizer step between them);
+    prompts and samples depend on the step only, not on `vt_mode`."""
     cfg = load_config(TrainConfig, config, [f"init_from={init}", f"out_dir={out / vt_mode}", "progress=false",
                                             f"teacher.vt_mode={vt_mode}", "data.n_val=0"])
     run = open_run(cfg)
     params = [p for p in run.backend.model.parameters() if p.requires_grad]
-    grads, losses = [], []
+    grads = []
     try:
         for step in range(k):
             idx = batch_indices(len(run.train), step, cfg.optim.prompts_per_step, cfg.seed)
             windows = rollouts(run, idx, step_seed(cfg.seed, step, 0), step_seed(cfg.seed, step, 1), {})
             normalizer, _, _ = loss_denominator(run, windows)
-            losses.append(distill_backward(run, windows, normalizer, {}))
+            distill_backward(run, windows, normalizer, {})
             grads.append(flat_grad(params))
     finally:
         run.close(True)
-    return torch.stack(grads), torch.tensor(losses)
+    return torch.stack(grads)
 
 
 def sft_gradients(config: Path, init: str, k: int, batch_size: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ def main() -> None:
     work = Path(args.work)
     grads = {}
     for vt_mode in ("data", "shuffled", "noise"):
-        grads[vt_mode], _ = distill_gradients(args.config, args.init, vt_mode, args.batches, work)
+        grads[vt_mode] = distill_gradients(args.config, args.init, vt_mode, args.batches, work)
     grads["content"] = grads["data"] - grads["shuffled"]
     grads["sft"] = sft_gradients(args.config, args.init, args.batches, batch_size=16)
     result: dict = {"kinds": {}, "cosines": {}}
